@@ -1,0 +1,179 @@
+"""The per-category homography cache: a small JSON file (the ``vsad-homography`` contract).
+
+Format::
+
+    {"category": str, "image_size": [W, H], "views": ["C1", ...],
+     "pairs": {"C1->C2": {"H": [[...], [...], [...]], "inliers": int, "inlier_ratio": float,
+                          "reproj_error_px": float, "status": "ok" | "unreliable"}, ...}}
+
+``H`` maps pixel-centre coordinates of the source view to the target view at ``image_size``.
+Every ordered pair of distinct views is present. The file is written atomically, and read
+with ``json`` only (nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vsad_lightning.errors import DataError
+from vsad_lightning.utils.io import atomic_write_json
+
+CACHE_DIR_NAME = "vsad_cache"
+"""The only folder this project ever writes inside a dataset root."""
+
+PAIR_STATUSES = ("ok", "unreliable")
+
+
+def default_cache_path(root: str | os.PathLike, category: str, resolution: int | str) -> Path:
+    """``<root>/vsad_cache/homographies_<category>_<resolution>.json``."""
+    return Path(root) / CACHE_DIR_NAME / f"homographies_{category}_{resolution}.json"
+
+
+@dataclass
+class PairEstimate:
+    """One ordered pair's homography and the evidence behind it."""
+
+    H: list[list[float]]
+    inliers: int
+    inlier_ratio: float
+    reproj_error_px: float
+    status: str = "ok"
+
+    def to_json(self) -> dict:
+        return {
+            "H": [[float(x) for x in row] for row in self.H],
+            "inliers": int(self.inliers),
+            "inlier_ratio": float(self.inlier_ratio),
+            "reproj_error_px": float(self.reproj_error_px),
+            "status": self.status,
+        }
+
+
+@dataclass
+class HomographyCache:
+    """All ordered pairs of one category's views."""
+
+    category: str
+    image_size: tuple[int, int]
+    views: list[str]
+    pairs: dict[str, PairEstimate] = field(default_factory=dict)
+
+    @staticmethod
+    def pair_key(src: str, dst: str) -> str:
+        return f"{src}->{dst}"
+
+    def unreliable_pairs(self) -> list[str]:
+        return [k for k, p in self.pairs.items() if p.status != "ok"]
+
+    def matrices(self, views: list[str] | None = None) -> Tensor:
+        """``(V, V, 3, 3)`` float32 for ``views`` (default: all), identity on the diagonal.
+
+        Unreliable pairs contribute the identity (DESIGN.md: the fallback), whatever H the file
+        holds for them.
+        """
+        views = list(self.views) if views is None else list(views)
+        missing = [v for v in views if v not in self.views]
+        if missing:
+            raise DataError(
+                f"homography cache for category {self.category!r} has views {self.views}, "
+                f"but views {missing} were requested"
+            )
+        V = len(views)
+        out = torch.eye(3, dtype=torch.float64).repeat(V, V, 1, 1)
+        for i, src in enumerate(views):
+            for j, dst in enumerate(views):
+                if i == j:
+                    continue
+                pair = self.pairs[self.pair_key(src, dst)]
+                if pair.status == "ok":
+                    out[i, j] = torch.tensor(pair.H, dtype=torch.float64)
+        return out.to(torch.float32)
+
+    def to_json(self) -> dict:
+        return {
+            "category": self.category,
+            "image_size": [int(self.image_size[0]), int(self.image_size[1])],
+            "views": list(self.views),
+            "pairs": {k: p.to_json() for k, p in self.pairs.items()},
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: dict, source: str = "<memory>") -> HomographyCache:
+        """Validate and parse; every problem is a ``DataError`` naming ``source``."""
+
+        def fail(what: str) -> DataError:
+            return DataError(f"homography cache {source}: {what}")
+
+        if not isinstance(obj, dict):
+            raise fail("expected a JSON object at the top level")
+        for key in ("category", "image_size", "views", "pairs"):
+            if key not in obj:
+                raise fail(f"missing key {key!r}")
+        size = obj["image_size"]
+        if not (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)
+        ):
+            raise fail(f"'image_size' must be [W, H] integers, got {size!r}")
+        views = obj["views"]
+        if not (isinstance(views, list) and views and all(isinstance(v, str) for v in views)):
+            raise fail(f"'views' must be a non-empty list of view tokens, got {views!r}")
+        if len(set(views)) != len(views):
+            raise fail(f"'views' lists a view twice: {views}")
+        pairs: dict[str, PairEstimate] = {}
+        for src in views:
+            for dst in views:
+                if src == dst:
+                    continue
+                key = cls.pair_key(src, dst)
+                raw = obj["pairs"].get(key)
+                if raw is None:
+                    raise fail(f"pair {key!r} is missing (every ordered pair must be present)")
+                try:
+                    H = [[float(x) for x in row] for row in raw["H"]]
+                    pair = PairEstimate(
+                        H=H,
+                        inliers=int(raw["inliers"]),
+                        inlier_ratio=float(raw["inlier_ratio"]),
+                        reproj_error_px=float(raw["reproj_error_px"]),
+                        status=str(raw["status"]),
+                    )
+                except (KeyError, TypeError, ValueError) as e:
+                    raise fail(f"pair {key!r} is malformed ({e!r})") from e
+                if len(H) != 3 or any(len(row) != 3 for row in H):
+                    raise fail(f"pair {key!r}: 'H' must be 3x3")
+                if pair.status not in PAIR_STATUSES:
+                    raise fail(f"pair {key!r}: status {pair.status!r} not in {PAIR_STATUSES}")
+                if pair.status == "ok":
+                    if not all(math.isfinite(x) for row in H for x in row):
+                        raise fail(f"pair {key!r}: 'H' contains NaN or inf")
+                    det = torch.linalg.det(torch.tensor(H, dtype=torch.float64)).item()
+                    if not math.isfinite(det) or abs(det) < 1e-12:
+                        raise fail(f"pair {key!r}: 'H' is singular (det={det:.3g})")
+                pairs[key] = pair
+        return cls(
+            category=str(obj["category"]),
+            image_size=(size[0], size[1]),
+            views=list(views),
+            pairs=pairs,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HomographyCache:
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise DataError(f"homography cache {path} does not exist") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"homography cache {path} is not valid JSON ({e})") from e
+        return cls.from_json(obj, source=str(path))
