@@ -1,0 +1,1 @@
+"""Lightning callbacks: every side effect (bank building, files, pictures) lives here."""

@@ -1,0 +1,1 @@
+"""torchmetrics-style anomaly metrics (pixel, view, sample)."""

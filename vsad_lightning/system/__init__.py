@@ -1,0 +1,1 @@
+"""The LightningModule (the system) that wires the models together."""
