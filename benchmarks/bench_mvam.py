@@ -1,0 +1,117 @@
+"""MVAM cost per decoder level: forward + backward time and the bytes it gathers.
+
+Run: ``python benchmarks/bench_mvam.py [--sections tiny sd2 scaling] [--repeats 5] [--json out]``.
+
+Each *section* is a function returning rows (dicts); ``SECTIONS`` maps names to them, so a new
+comparison (e.g. the plain U-Net against the view-aligned one) is one more function and one
+more entry. Sections:
+
+- ``tiny``: the embedded tiny backbone (channels 32/64/128, 128-pixel images, pixel-unshuffle
+  by 4 → 32x32 latents, demo ``attention_dim`` 32), one MVAM per decoder level.
+- ``sd2``: Stable Diffusion 2's decoder widths at a 16x16 latent (128-pixel images; the up
+  blocks run at 2x2, 4x4, 8x8 and 16x16 with 1280/1280/640/320 channels), ``attention_dim`` 64.
+- ``scaling``: 320/640/1280 channels on the same 16x16 map, then 32/64/128 attention widths at
+  320 channels: the gathered bytes follow ``attention_dim`` and ignore the channel count.
+
+One sample of 5 views (Real-IAD), ``top_and_ring`` neighbours, R = 3, fp32 on CPU unless
+``--bf16``. On a shared machine run with ``OMP_NUM_THREADS=1``: with more threads than free
+cores the timings swing by 10x or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mvam_levels import bench_mvam_level  # noqa: E402
+
+TINY_LEVELS = [  # (decoder up block, channels, latent side) for 128-pixel images
+    (0, 128, 8),
+    (1, 64, 16),
+    (2, 32, 32),
+]
+SD2_LEVELS = [(0, 1280, 2), (1, 1280, 4), (2, 640, 8), (3, 320, 16)]
+
+
+def tiny_section(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for block, channels, side in TINY_LEVELS:
+        row = bench_mvam_level(
+            channels, side, side, attention_dim=32, repeats=args.repeats, autocast_bf16=args.bf16
+        )
+        rows.append({"section": "tiny", "level": f"up{block}", **row})
+    return rows
+
+
+def sd2_section(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for block, channels, side in SD2_LEVELS:
+        row = bench_mvam_level(
+            channels, side, side, attention_dim=64, repeats=args.repeats, autocast_bf16=args.bf16
+        )
+        rows.append({"section": "sd2", "level": f"up{block}", **row})
+    return rows
+
+
+def scaling_section(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for channels, dim in [(320, 64), (640, 64), (1280, 64), (320, 32), (320, 128)]:
+        row = bench_mvam_level(
+            channels, 16, 16, attention_dim=dim, repeats=args.repeats, autocast_bf16=args.bf16
+        )
+        rows.append({"section": "scaling", "level": "16x16", **row})
+    return rows
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
+    "tiny": tiny_section,
+    "sd2": sd2_section,
+    "scaling": scaling_section,
+}
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def print_rows(rows: list[dict]) -> None:
+    header = (
+        f"{'section':8} {'level':6} {'C':>5} {'h x w':>7} {'D':>4} {'K':>3} "
+        f"{'fwd+bwd ms (min/med)':>20} "
+        f"{'gathered MiB':>12} {'input MiB':>9} {'prof peak MiB':>13} {'RSS peak MiB':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['section']:8} {r['level']:6} {r['channels']:>5} {r['h']:>3}x{r['w']:<3} "
+            f"{r['attention_dim']:>4} {r['candidates']:>3} "
+            f"{1000 * r['time_min_s']:>9.1f} /{1000 * r['time_s']:>9.1f} "
+            f"{_mb(r['gathered_bytes']):>12} {_mb(r['input_bytes']):>9} "
+            f"{_mb(r['profiler_peak_bytes']):>13} {_mb(r['rss_peak_delta_bytes']):>12}"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="run MVAM under bf16 autocast")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    rows = [row for name in args.sections for row in SECTIONS[name](args)]
+    print_rows(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
