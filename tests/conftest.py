@@ -1,0 +1,83 @@
+"""Shared fixtures.
+
+Synthetic data (``vsad_lightning.data.synthetic``, the same writer as ``vsad-synth``), created
+once per test session:
+
+- ``synthetic_root``: a Real-IAD-layout root with one category ``"brick"`` at 64x64 px
+  (folder ``realiad_64``), 8 normal training samples and 8 test samples (4 anomalous),
+  seed 0, and ``synthetic_truth/brick.json``. It has NO homography cache. Treat it as
+  read-only: copy it (``copy_dataset``) before writing into it.
+- ``synthetic_root_cached``: a separate copy of the same data whose
+  ``vsad_cache/homographies_brick_64.json`` holds the TRUE homographies, so a
+  ``MultiViewDataModule(root, "brick", resolution=64, ...)`` works without estimating
+  anything. Read-only as well.
+- ``synthetic_spec``: the parameters of that data (category, image_size, samples_train,
+  samples_test, anomalous_test, seed, views), so tests assert counts without repeating numbers.
+- ``copy_dataset``: a function ``copy_dataset(src, dst) -> dst`` for tests that modify data.
+
+(Test modules cannot import this file reliably under plain ``pytest``; use the fixtures.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vsad_lightning.data.dataset import cache_path_for
+from vsad_lightning.data.synthetic import TRUTH_DIR, write_synthetic_dataset
+
+SYNTHETIC = SimpleNamespace(
+    category="brick",
+    image_size=64,
+    samples_train=8,
+    samples_test=8,
+    anomalous_test=4,
+    seed=0,
+    views=["C1", "C2", "C3", "C4", "C5"],
+)
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    """Copy a dataset root (small synthetic ones only) and return the copy."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def synthetic_spec() -> SimpleNamespace:
+    """The parameters of ``synthetic_root`` (see the module docstring)."""
+    return SYNTHETIC
+
+
+@pytest.fixture(scope="session")
+def copy_dataset():
+    """``copy_dataset(src, dst) -> dst``: copy a small dataset root before modifying it."""
+    return _copy_dataset
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Read-only synthetic Real-IAD root without a homography cache (see the module doc)."""
+    root = tmp_path_factory.mktemp("synthetic_root")
+    write_synthetic_dataset(
+        root,
+        [SYNTHETIC.category],
+        SYNTHETIC.seed,
+        image_size=SYNTHETIC.image_size,
+        samples_train=SYNTHETIC.samples_train,
+        samples_test=SYNTHETIC.samples_test,
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root_cached(synthetic_root, tmp_path_factory) -> Path:
+    """Read-only copy of ``synthetic_root`` with the true homographies as its cache."""
+    root = _copy_dataset(synthetic_root, tmp_path_factory.mktemp("cached") / "root")
+    cache = cache_path_for(root, SYNTHETIC.category, SYNTHETIC.image_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / TRUTH_DIR / f"{SYNTHETIC.category}.json", cache)
+    return root

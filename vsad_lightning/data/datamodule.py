@@ -1,0 +1,257 @@
+"""``MultiViewDataModule``: the datasets, splits and loaders of one category.
+
+- ``train``: the normal samples of the training split (an anomalous one there is an error
+  naming it, never a silent skip), minus an optional held-out validation fraction chosen
+  deterministically from ``seed``; ``val`` computes the validation loss on it.
+- ``test``: the test split.
+- ``predict``: a folder of unlabelled samples (``MultiViewFolderDataset`` layout with the
+  sample folders directly in ``predict_root``; labels are 0 without masks).
+- ``train_feature_dataloader()``: every training normal (validation part included), in a
+  fixed order, unshuffled: the memory bank's input.
+
+Every sample is resized to ``image_size`` and normalised to [-1, 1]; masks stay exactly 0/1;
+homographies come from the category's cache rescaled to ``image_size`` (DESIGN.md, Notation).
+``prepare_data`` (one process per node under DDP) builds the cache when it is missing with
+``ensure_homography_cache``; ``setup`` (every process) only loads it. Samplers are left to
+Lightning, which inserts a ``DistributedSampler`` under DDP.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from vsad_lightning.data.batch import collate_multiview
+from vsad_lightning.data.dataset import NORMAL_CLASS, MultiViewDataset
+from vsad_lightning.data.folder import MultiViewFolderDataset
+from vsad_lightning.data.homographies import default_cache_for, ensure_homography_cache
+from vsad_lightning.data.manta import MantaDataset
+from vsad_lightning.data.realiad import RealIADDataset
+from vsad_lightning.errors import DataError
+from vsad_lightning.geometry.cache import HomographyCache
+from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS, neighbour_mask
+
+TOP_VIEW = "C1"
+"""The top camera of the ``top_and_ring`` graph (Real-IAD, MANTA and the synthetic rig)."""
+
+
+class MultiViewDataModule(L.LightningDataModule):
+    """Loaders of ``MultiViewBatch``es for one category.
+
+    Args:
+        root: the dataset root.
+        category: Real-IAD category, MANTA ``domain/class``, or the folder dataset's name.
+        dataset: ``"realiad"``, ``"manta"`` or ``"folder"``.
+        resolution: Real-IAD's ``realiad_<resolution>`` folder (an integer or ``"raw"``).
+        views: the views to use, in this order; ``None``: all of them (``C1..C5``).
+        image_size: side of the square images fed to the model.
+        neighbour_graph: ``"top_and_ring"`` (C1 must be the first view), ``"ring"`` or
+            ``"all"`` (``geometry.neighbour_mask``).
+        val_fraction: fraction of the training normals held out for the validation loss.
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default ``batch_size``).
+        num_workers, pin_memory: ``DataLoader`` options.
+        homography_samples: ``K`` normal samples pooled when the cache has to be estimated.
+        seed: seeds the validation split and the training shuffle's generator.
+        predict_root: the folder ``vsad-predict`` scores.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        dataset: Literal["realiad", "manta", "folder"] = "realiad",
+        resolution: int | str = 256,
+        views: list[str] | None = None,
+        image_size: int = 256,
+        neighbour_graph: str = "top_and_ring",
+        val_fraction: float = 0.0,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        homography_samples: int = 8,
+        seed: int = 0,
+        predict_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in ("realiad", "manta", "folder"):
+            raise DataError(f"data.dataset must be realiad, manta or folder, got {dataset!r}")
+        if neighbour_graph not in NEIGHBOUR_GRAPHS:
+            raise DataError(
+                f"data.neighbour_graph must be one of {NEIGHBOUR_GRAPHS}, got {neighbour_graph!r}"
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if image_size < 8:
+            raise DataError(f"data.image_size must be at least 8, got {image_size}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise DataError("data.batch_size and data.eval_batch_size must be >= 1")
+        self.save_hyperparameters()
+        self.root = root
+        self.category = category
+        self.dataset = dataset
+        self.resolution = resolution
+        self.views = list(views) if views is not None else None
+        self.image_size = image_size
+        self.neighbour_graph = neighbour_graph
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.homography_samples = homography_samples
+        self.seed = seed
+        self.predict_root = predict_root
+
+        self.homographies: HomographyCache | None = None
+        self.view_names: list[str] | None = None
+        self.train_normals: MultiViewDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: MultiViewDataset | None = None
+        self.predict_set: MultiViewDataset | None = None
+
+    # ------------------------------------------------------------------ files and caches
+
+    @property
+    def cache_path(self) -> Path:
+        """Where the category's homography cache lives."""
+        return default_cache_for(self.dataset, self.root, self.category, self.resolution)
+
+    def prepare_data(self) -> None:
+        """Estimate and write the homography cache if it is missing (once per node)."""
+        ensure_homography_cache(
+            self.root,
+            self.category,
+            self.resolution,
+            self.homography_samples,
+            dataset=self.dataset,
+            path=self.cache_path,
+        )  # all views: any subset (data.views) can use the same cache later
+
+    def _load_homographies(self) -> HomographyCache:
+        if self.homographies is None:
+            if not self.cache_path.is_file():
+                # setup() without prepare_data() (a user calling it directly): build it here.
+                self.prepare_data()
+            self.homographies = HomographyCache.load(self.cache_path)
+        return self.homographies
+
+    def _make_dataset(self, split: str | None, root: str | None = None) -> MultiViewDataset:
+        cache = self._load_homographies()
+        common = dict(views=self.views, image_size=self.image_size, homographies=cache)
+        if root is not None:  # predict: a folder of samples, this category's rig
+            return MultiViewFolderDataset(root, None, category=self.category, **common)
+        if self.dataset == "realiad":
+            return RealIADDataset(self.root, self.category, split, self.resolution, **common)
+        if self.dataset == "manta":
+            return MantaDataset(self.root, self.category, split, **common)
+        return MultiViewFolderDataset(self.root, split, category=self.category, **common)
+
+    def _check_views(self, dataset: MultiViewDataset, what: str) -> None:
+        if self.view_names is None:
+            self.view_names = list(dataset.view_names)
+            if self.neighbour_graph == "top_and_ring" and self.view_names[0] != TOP_VIEW:
+                raise DataError(
+                    f"neighbour_graph 'top_and_ring' needs the top view {TOP_VIEW} first, but "
+                    f"the views are {self.view_names}; use data.views with {TOP_VIEW} first, or "
+                    "data.neighbour_graph ring or all"
+                )
+        elif dataset.view_names != self.view_names:
+            raise DataError(
+                f"the {what} samples have views {dataset.view_names}, but the training samples "
+                f"have {self.view_names}"
+            )
+
+    # ---------------------------------------------------------------------------- stages
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", "validate", None) and self.train_normals is None:
+            self._setup_train()
+        if stage in ("test", None) and self.test_set is None:
+            self.test_set = self._make_dataset("test")
+            self._check_views(self.test_set, "test")
+        if stage == "predict" and self.predict_set is None:
+            if not self.predict_root:
+                raise DataError("vsad-predict needs data.predict_root (a folder of samples)")
+            self.predict_set = self._make_dataset(None, self.predict_root)
+            self._check_views(self.predict_set, "predict")
+
+    def _setup_train(self) -> None:
+        train = self._make_dataset("train")
+        self._check_views(train, "training")
+        anomalous = [
+            r.sample_id for r in train.records if r.label != 0 or r.anomaly_class != NORMAL_CLASS
+        ]
+        if anomalous:
+            more = " ..." if len(anomalous) > 5 else ""
+            raise DataError(
+                f"the training split of category {self.category!r} holds anomalous samples "
+                f"(not 'OK', or with masks): {anomalous[:5]}{more}; the memory bank and the "
+                "diffusion loss must only see normal samples"
+            )
+        self.train_normals = train
+        n = len(train)
+        n_val = int(round(self.val_fraction * n))
+        if self.val_fraction > 0:
+            n_val = max(1, n_val)
+            if n_val >= n:
+                raise DataError(
+                    f"data.val_fraction={self.val_fraction} leaves no training samples out of {n}"
+                )
+        order = np.random.default_rng(self.seed).permutation(n)
+        val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+        self.train_set = Subset(train, train_idx) if n_val else train
+        self.val_set = Subset(train, val_idx) if n_val else None
+
+    # --------------------------------------------------------------------------- loaders
+
+    def _collate(self):
+        mask = neighbour_mask(self.neighbour_graph, len(self.view_names))
+        return functools.partial(collate_multiview, neighbour_mask=mask)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=self._collate(),
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    def _require(self, dataset, stage: str):
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for its loader")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.train_set, "fit"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out normals, or an empty list (Lightning then skips validation)."""
+        if self.val_fraction == 0:
+            return []
+        return self._loader(self._require(self.val_set, "fit"), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.test_set, "test"), self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.predict_set, "predict"), self.eval_batch_size, False)
+
+    def train_feature_dataloader(self) -> DataLoader:
+        """Every training normal in index order, unshuffled (the memory bank's input)."""
+        if self.train_normals is None:
+            self._setup_train()
+        return self._loader(self.train_normals, self.eval_batch_size, shuffle=False)
