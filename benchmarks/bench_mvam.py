@@ -12,6 +12,8 @@ more entry. Sections:
   blocks run at 2x2, 4x4, 8x8 and 16x16 with 1280/1280/640/320 channels), ``attention_dim`` 64.
 - ``scaling``: 320/640/1280 channels on the same 16x16 map, then 32/64/128 attention widths at
   320 channels: the gathered bytes follow ``attention_dim`` and ignore the channel count.
+- ``unet``: a whole training step of the tiny backbone, plain U-Net against the view-aligned
+  one (MVAM only, FRM only, both, both with gradient checkpointing); see ``unet_section``.
 
 One sample of 5 views (Real-IAD), ``top_and_ring`` neighbours, R = 3, fp32 on CPU unless
 ``--bf16``. On a shared machine run with ``OMP_NUM_THREADS=1``: with more threads than free
@@ -69,10 +71,124 @@ def scaling_section(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ==============================================================================================
+# Section "unet": the plain U-Net against the view-aligned one (a whole training step).
+# ----------------------------------------------------------------------------------------------
+# One step of ``diffusion_objective`` (forward + backward, the same L_d + 0.1 L_r in every row)
+# on the tiny backbone: 128-pixel images (32x32 latents, 48 channels), one sample of 5 views,
+# ``top_and_ring`` neighbours, ``train_unet="all"``, demo ``attention_dim`` 32. Rows: ``plain``
+# (no MVAM, no FRM), ``mvam`` (6 MVAMs, one per decoder ResBlock), ``frm`` (FRM on the last two
+# levels), ``both`` (MVAM and FRM) and ``ckpt`` (both, with gradient checkpointing). The
+# zero-initialised outputs (MVAM W_o, FRM W_2) are set to small random values so the backward
+# pass does all of its work. Column ``C`` is the number of MVAMs; ``h x w`` the latent size.
+UNET_VARIANTS = [  # (row name, use_mvam, use_frm, gradient_checkpointing)
+    ("plain", False, False, False),
+    ("mvam", True, False, False),
+    ("frm", False, True, False),
+    ("both", True, True, False),
+    ("ckpt", True, True, True),
+]
+
+
+def unet_section(args: argparse.Namespace) -> list[dict]:
+    import itertools
+    import statistics
+    import time
+
+    from _mvam_levels import _proc_status, _reset_rss_peak, level_homographies
+    from torch.profiler import ProfilerActivity, profile
+
+    from vsad_lightning.geometry.projection import neighbour_mask
+    from vsad_lightning.models.backbones import build_backbone
+    from vsad_lightning.models.objective import diffusion_objective
+    from vsad_lightning.models.unet import ViewAlignedUNet
+
+    image, views, attention_dim = 128, 5, 32
+    rows = []
+    for name, use_mvam, use_frm, checkpointing in UNET_VARIANTS:
+        backbone = build_backbone("tiny", image_size=image)
+        torch.manual_seed(0)
+        model = ViewAlignedUNet(
+            backbone.unet,
+            attention_dim=attention_dim,
+            use_mvam=use_mvam,
+            use_frm=use_frm,
+            train_unet="all",
+            gradient_checkpointing=checkpointing,
+        )
+        with torch.no_grad():
+            for aligner in model.aligners.values():
+                aligner.to_out.weight.normal_(std=0.02)
+            for refiner in model.refiners.values():
+                refiner.out.weight.normal_(std=0.02)
+        side = image // backbone.downsample_factor
+        latents = torch.randn(1, views, backbone.latent_channels, side, side)
+        H = level_homographies(1, views, image, image)
+        mask = neighbour_mask("top_and_ring", views)
+
+        def step(model=model, latents=latents, H=H, mask=mask, backbone=backbone) -> None:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                out = diffusion_objective(
+                    model,
+                    latents,
+                    backbone.scheduler,
+                    backbone.prompt_embedding,
+                    H,
+                    (image, image),
+                    mask,
+                    generator=torch.Generator().manual_seed(0),
+                )
+            out.loss.backward()
+
+        step()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        rss_delta = None
+        rss_before = _proc_status("VmRSS")
+        if rss_before is not None and _reset_rss_peak():
+            step()
+            peak = _proc_status("VmHWM")
+            rss_delta = None if peak is None else max(0, peak - rss_before)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        profiler_peak = max(itertools.accumulate(e.self_cpu_memory_usage for e in events))
+        rows.append(
+            {
+                "section": "unet",
+                "level": name,
+                "channels": len(model.aligners),
+                "h": side,
+                "w": side,
+                "views": views,
+                "batch": 1,
+                "attention_dim": attention_dim if use_mvam else 0,
+                "candidates": 1 + (views - 1) * 9 if use_mvam else 0,
+                "dtype": "bf16-autocast" if args.bf16 else "fp32",
+                "time_s": statistics.median(times),
+                "time_min_s": min(times),
+                "gathered_bytes": None,
+                "input_bytes": latents.numel() * 4,
+                "profiler_peak_bytes": profiler_peak,
+                "rss_peak_delta_bytes": rss_delta,
+                "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
+            }
+        )
+    return rows
+
+
+# ==============================================================================================
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "tiny": tiny_section,
     "sd2": sd2_section,
     "scaling": scaling_section,
+    "unet": unet_section,
 }
 
 

@@ -1,0 +1,102 @@
+"""The training objective ``L = L_d + λ_r L_r`` (DESIGN.md, Training and FRM).
+
+- One timestep ``t`` per sample, shared by its ``V`` views (the views of one object are
+  denoised at the same noise level, so MVAM aligns features of equal noise).
+- ``ε ~ N(0, I)``, ``z_t = scheduler.add_noise(z_0, ε, t)``.
+- ``L_d = MSE(ε̂, ε)``. A scheduler with ``prediction_type="v_prediction"`` trains the U-Net on
+  its own target ``v`` (``scheduler.get_velocity``) instead; SD2 base and the tiny backbone
+  predict ``ε``.
+- ``L_r``: the mean over feature levels of ``consistency_loss`` (DESIGN.md, FRM) on the
+  features captured after FRM in the same forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+from vsad_lightning.models.frm import consistency_loss
+from vsad_lightning.models.unet import ViewAlignedUNet
+
+
+@dataclass
+class ObjectiveOutput:
+    """Scalars of one training step: ``loss = denoising_loss + λ_r consistency_loss``."""
+
+    loss: Tensor
+    denoising_loss: Tensor
+    consistency_loss: Tensor
+
+
+def diffusion_objective(
+    model: ViewAlignedUNet,
+    latents: Tensor,
+    scheduler: DDPMScheduler,
+    encoder_hidden_states: Tensor,
+    homographies: Tensor,
+    image_size: tuple[int, int],
+    neighbour_mask: Tensor,
+    lambda_r: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> ObjectiveOutput:
+    """``L = L_d + λ_r L_r`` on clean latents ``(B, V, c, h, w)``.
+
+    Args:
+        model: the view-aligned U-Net.
+        latents: ``z_0 = s E(I)`` of every view.
+        scheduler: the training noise schedule (``add_noise``, ``config.num_train_timesteps``).
+        encoder_hidden_states: ``(1 or B, L, D)`` prompt embedding.
+        homographies: ``(B, V, V, 3, 3)`` at image resolution ``image_size = (W, H)``.
+        neighbour_mask: ``(V, V)`` bool.
+        lambda_r: ``λ_r`` (DESIGN.md default 0.1).
+        generator: draws ``t`` and ``ε`` (on the generator's device, then moved); ``None``
+            uses the global RNG of ``latents``' device.
+    """
+    if latents.dim() != 5:
+        raise ValueError(f"latents must be (B, V, c, h, w), got shape {tuple(latents.shape)}")
+    B = latents.shape[0]
+    device = latents.device
+    neighbour_mask = neighbour_mask.to(device=device, dtype=torch.bool)
+    draw_on = generator.device if generator is not None else device
+    num_train = int(scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(0, num_train, (B,), generator=generator, device=draw_on).to(device)
+    noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=latents.dtype).to(
+        device
+    )
+    # add_noise broadcasts the (B,) timesteps over (V, c, h, w): one t per sample.
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+
+    out = model(
+        noisy,
+        timesteps,
+        encoder_hidden_states,
+        homographies,
+        image_size,
+        neighbour_mask,
+        capture=True,
+    )
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(
+            f"diffusion_objective supports prediction_type epsilon or v_prediction, got "
+            f"{prediction_type!r}"
+        )
+    denoising = F.mse_loss(out.noise_pred.float(), target.float())
+    per_level = [
+        consistency_loss(out.features[level], out.level_homographies[level], neighbour_mask)
+        for level in sorted(out.features)
+    ]
+    consistency = torch.stack(per_level).mean()
+    return ObjectiveOutput(
+        loss=denoising + lambda_r * consistency,
+        denoising_loss=denoising,
+        consistency_loss=consistency,
+    )
