@@ -1,0 +1,144 @@
+"""The system end to end through the real console scripts, Trainer, DDP and TensorBoard files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vsad_lightning.models.knn import nearest_distance
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+# Small and fast: 64x64 images, few samples, obvious defects; same code paths as the demo.
+SMALL = [
+    "--data.image_size", "64",
+    "--data.resolution", "64",
+    "--data.batch_size", "4",
+    "--trainer.max_epochs", "2",
+    "--model.inversion_steps", "2",
+    "--pictures.num_samples", "2",
+]  # fmt: skip
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    run_script(
+        "vsad-synth", "--out", str(root), "--categories", "brick", "--seed", "3",
+        "--image-size", "64", "--samples-train", "8", "--samples-test", "8",
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(small_root, tmp_path_factory) -> dict:
+    runs = tmp_path_factory.mktemp("runs")
+    proc = run_script(
+        "vsad-fit", "--config", str(DEMO_CONFIG), "--data.root", str(small_root),
+        "--data.category", "brick", "--trainer.default_root_dir", str(runs), *SMALL,
+    )  # fmt: skip
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("metrics: "), proc.stdout[-2000:]
+    metrics_path = Path(last_line.removeprefix("metrics: "))
+    return {"runs": runs, "metrics_path": metrics_path, "stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_fit_end_to_end_writes_metrics_well_above_chance(fitted):
+    metrics_path = fitted["metrics_path"]
+    run_dir = metrics_path.parent
+    assert run_dir.parent.name == "version_0" or run_dir.name.startswith("version_")
+    assert run_dir.parent.name == "brick" and run_dir.parent.parent.name == "realiad"
+    metrics = json.loads(metrics_path.read_text())
+    for key in ("category", "pixel_auroc", "pixel_ap", "pixel_aupro", "view_auroc", "view_ap",
+                "sample_auroc", "sample_ap", "n_samples", "n_views"):  # fmt: skip
+        assert key in metrics, key
+    assert metrics["category"] == "brick"
+    assert metrics["n_samples"] == 8 and metrics["n_views"] == 40
+    assert metrics["pixel_auroc"] > 0.8, metrics
+    assert metrics["view_auroc"] > 0.7, metrics
+    assert (run_dir / "metrics.csv").is_file()
+    assert (run_dir / "checkpoints" / "final.ckpt").is_file()
+    assert list((run_dir / "images").glob("*.png")), "no pictures written"
+    assert "pixel_auroc" in fitted["stdout"]
+
+
+@pytest.mark.slow
+def test_tensorboard_event_files_hold_losses_metrics_and_maps(fitted):
+    run_dir = fitted["metrics_path"].parent
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/denoising_loss", "train/consistency_loss"} <= scalars, scalars
+    assert {"test/pixel_auroc", "test/sample_auroc", "test/view_auroc"} <= scalars, scalars
+    assert any(tag.startswith("lr") for tag in scalars), scalars
+    images = acc.Tags()["images"]
+    assert any(tag.startswith("test/maps/") for tag in images), images
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_reproduces_metrics_exactly(fitted, small_root, tmp_path):
+    run_dir = fitted["metrics_path"].parent
+    proc = run_script(
+        "vsad-test", "--config", str(DEMO_CONFIG), "--data.root", str(small_root),
+        "--data.category", "brick", "--trainer.default_root_dir", str(tmp_path), *SMALL,
+        "--ckpt_path", str(run_dir / "checkpoints" / "final.ckpt"),
+    )  # fmt: skip
+    again = Path(proc.stdout.strip().splitlines()[-1].removeprefix("metrics: "))
+    assert again != fitted["metrics_path"]
+    assert json.loads(again.read_text()) == json.loads(fitted["metrics_path"].read_text())
+
+
+def _bank(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("memory_bank.")}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
+    # lr = 0: both runs keep the seeded initial weights, so the features, and therefore the
+    # banks, must agree row for row whatever the number of processes.
+    frozen = [*SMALL, "--trainer.max_epochs", "1", "--model.lr", "0.0",
+              "--model.weight_decay", "0.0", "--model.warmup_steps", "0"]  # fmt: skip
+    banks = {}
+    for devices in (1, 2):
+        root = tmp_path / f"d{devices}"
+        proc = run_script(
+            "vsad-fit", "--config", str(DEMO_CONFIG), "--data.root", str(small_root),
+            "--data.category", "brick", "--trainer.default_root_dir", str(root), *frozen,
+            "--trainer.devices", str(devices), "--trainer.strategy",
+            "ddp" if devices == 2 else "auto",
+        )  # fmt: skip
+        metrics_path = Path(proc.stdout.strip().splitlines()[-1].removeprefix("metrics: "))
+        banks[devices] = _bank(metrics_path.parent / "checkpoints" / "final.ckpt")
+        if devices == 2:
+            assert "world_size=2" in proc.stdout + proc.stderr or "2 processes" in (
+                proc.stdout + proc.stderr
+            )
+    assert banks[1].keys() == banks[2].keys() and banks[1]
+    for key, one in banks[1].items():
+        two = banks[2][key]
+        assert one.shape == two.shape, key
+        # Same rows as sets: every row of each bank has an (almost) exact twin in the other.
+        assert nearest_distance(one, two, backend="torch").max() < 1e-4, key
+        assert nearest_distance(two, one, backend="torch").max() < 1e-4, key

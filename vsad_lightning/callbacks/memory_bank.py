@@ -1,0 +1,118 @@
+"""``MemoryBankCallback``: build the memory bank of normal features when training ends.
+
+DESIGN.md (Inference and scoring): features of all training views, or a greedy k-center
+coreset, per level; stored as module buffers so the bank travels in the checkpoint; under DDP
+every rank's features reach the bank (the pitfall of anomalib issue 2673).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from vsad_lightning.models.memory_bank import flatten_features, greedy_coreset
+
+FINAL_CHECKPOINT = "final.ckpt"
+"""Written after the bank is built: the checkpoint ``vsad-test`` and ``vsad-predict`` take."""
+
+
+class MemoryBankCallback(L.Callback):
+    """At the end of training, extract features of every training normal and fill the bank.
+
+    The features come from the DataModule's ``train_feature_dataloader()``: the training
+    normals in a fixed order, without augmentation or shuffling. Each rank extracts a strided
+    shard (``rank::world_size``), the shards are gathered, so every rank holds the same bank,
+    then an optional coreset is selected with a fixed seed (identical on every rank).
+
+    Args:
+        coreset_ratio: fraction of rows kept per level by greedy k-center selection; 1.0 keeps
+            every feature (the paper's choice).
+        projection_dim: random-projection width used for the coreset's distances.
+        seed: the coreset's random projection seed.
+        save_checkpoint: write ``checkpoints/final.ckpt`` (model + bank) once the bank exists.
+    """
+
+    def __init__(
+        self,
+        coreset_ratio: float = 1.0,
+        projection_dim: int = 128,
+        seed: int = 0,
+        save_checkpoint: bool = True,
+    ) -> None:
+        if not 0.0 < coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.save_checkpoint = save_checkpoint
+
+    @torch.no_grad()
+    def collect_features(self, trainer: L.Trainer, pl_module) -> dict[int, Tensor]:
+        """This rank's shard of training features, gathered from every rank: ``(N_l, C_l)``."""
+        loader = _shard(
+            trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
+        )
+        was_training = pl_module.training
+        pl_module.eval()
+        chunks: dict[int, list[Tensor]] = {}
+        for batch in loader:
+            batch = batch.to(pl_module.device)
+            for level, feats in pl_module.extract_features(batch).items():
+                chunks.setdefault(level, []).append(flatten_features(feats.float()))
+        pl_module.train(was_training)
+        if not chunks:
+            raise RuntimeError("the training feature loader yielded no samples on this rank")
+        local = {level: torch.cat(parts) for level, parts in chunks.items()}
+        if trainer.world_size == 1:
+            return local
+        return {level: _gather_rows(pl_module, rows) for level, rows in local.items()}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        features = self.collect_features(trainer, pl_module)
+        for level, rows in sorted(features.items()):
+            if self.coreset_ratio < 1.0:
+                keep = greedy_coreset(
+                    rows, self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed
+                )
+                rows = rows[keep]
+            pl_module.memory_bank.set_level(level, rows)
+            rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
+        if self.save_checkpoint:
+            # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
+            trainer.save_checkpoint(Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT)
+
+    @staticmethod
+    def _checkpoint_dir(trainer: L.Trainer) -> str:
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            return trainer.checkpoint_callback.dirpath
+        return str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+
+
+def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """The same loader over samples ``rank, rank + world_size, ...`` (in order)."""
+    if world_size == 1:
+        return loader
+    indices = range(rank, len(loader.dataset), world_size)
+    return DataLoader(
+        Subset(loader.dataset, indices),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def _gather_rows(pl_module, rows: Tensor) -> Tensor:
+    """All-gather ``(n_r, C)`` rows of different lengths from every rank, rank order."""
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = pl_module.all_gather(count).flatten().tolist()
+    padded = rows.new_zeros((max(counts), rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    gathered = pl_module.all_gather(padded)  # (world, max_n, C)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])

@@ -1,0 +1,286 @@
+"""``VSADModule``: the LightningModule (the *system*) that wires the models together.
+
+The models are plain ``nn.Module``s from ``vsad_lightning.models``: a frozen image encoder,
+the ``ViewAlignedUNet`` (diffusers U-Net + MVAM + FRM), the ``FeatureExtractor`` and the
+``MemoryBank``. This class owns the training objective, scoring and metric updates; every side
+effect (building the bank, writing files and pictures) lives in ``vsad_lightning.callbacks``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from vsad_lightning.data.batch import MultiViewBatch
+from vsad_lightning.metrics import AnomalyMetrics
+from vsad_lightning.models.backbones import build_backbone
+from vsad_lightning.models.features import FeatureExtractor
+from vsad_lightning.models.memory_bank import MemoryBank
+from vsad_lightning.models.objective import diffusion_objective
+from vsad_lightning.models.scoring import score_features
+from vsad_lightning.models.unet import ViewAlignedUNet
+
+
+@dataclass
+class AnomalyPrediction:
+    """What ``test_step`` and ``predict_step`` return for one batch.
+
+    Attributes:
+        anomaly_maps: ``(B, V, 1, H, W)`` raw distances (not probabilities).
+        view_scores: ``(B, V)``, the max of each view's map.
+        sample_scores: ``(B,)``, the max over the sample's views.
+    """
+
+    anomaly_maps: Tensor
+    view_scores: Tensor
+    sample_scores: Tensor
+
+
+class VSADModule(L.LightningModule):
+    """VSAD: view-aligned latent diffusion features scored against a memory bank of normals.
+
+    Args:
+        backbone: ``tiny`` (random init, trained from scratch, CPU-friendly) or ``sd2`` (a local
+            Stable Diffusion 2 base folder given by ``backbone_path``).
+        backbone_path: the local SD2 folder (``unet/``, ``vae/``, ``scheduler/``, ...).
+        image_size: the training image size (the tiny U-Net's ``sample_size`` derives from it).
+        tiny_encoder: the tiny backbone's image encoder (see ``build_backbone``).
+        feature_levels: decoder up-block indices whose outputs (after FRM) are the features;
+            negative indices count from the last block (default: the last two, the paper's
+            levels 3 and 4).
+        attention_dim, num_heads, window, num_frequencies: MVAM's attention width, heads,
+            candidate window R and frequency count L (DESIGN.md, MVAM).
+        use_mvam, use_frm: ablation switches; off means the module is not installed.
+        train_unet: ``none | decoder | all`` (DESIGN.md, Training). A ``tiny`` backbone has
+            random weights, so it needs ``all``.
+        gradient_checkpointing: recompute U-Net activations in backward to save memory.
+        lambda_r: weight of the consistency loss L_r in ``L = L_d + lambda_r * L_r``.
+        lr, weight_decay: AdamW.
+        warmup_steps: linear warm-up steps of the learning rate (0: none).
+        lr_schedule: ``constant`` or ``cosine`` decay to 0 over the estimated training steps.
+        feature_mode: ``inversion`` (DDIM inversion to ``t_star`` in ``inversion_steps`` steps)
+            or ``noise`` (deterministic forward noising with ``feature_seed``).
+        t_star, inversion_steps, feature_seed: see ``feature_mode``.
+        level_weights: ``w_l`` in the pixel score, one per feature level (default: all 1).
+        sigma: Gaussian smoothing of the anomaly maps, in image pixels.
+        knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``; same results.
+    """
+
+    def __init__(
+        self,
+        backbone: Literal["tiny", "sd2"] = "tiny",
+        backbone_path: str | None = None,
+        image_size: int = 128,
+        tiny_encoder: Literal["unshuffle", "vae"] = "unshuffle",
+        feature_levels: Sequence[int] = (-2, -1),
+        attention_dim: int = 64,
+        num_heads: int = 4,
+        window: int = 3,
+        num_frequencies: int = 4,
+        use_mvam: bool = True,
+        use_frm: bool = True,
+        train_unet: Literal["none", "decoder", "all"] = "all",
+        gradient_checkpointing: bool = False,
+        lambda_r: float = 0.1,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        feature_mode: Literal["inversion", "noise"] = "inversion",
+        t_star: int = 200,
+        inversion_steps: int = 5,
+        feature_seed: int = 0,
+        level_weights: Sequence[float] | None = None,
+        sigma: float = 4.0,
+        knn_backend: Literal["auto", "torch", "faiss"] = "auto",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        parts = build_backbone(
+            backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
+        )
+        # The encoder is never trained (DESIGN.md, Training: the frozen VAE).
+        self.encoder = parts.encoder.requires_grad_(False).eval()
+        self.noise_scheduler = parts.scheduler
+        self.register_buffer("prompt_embedding", parts.prompt_embedding, persistent=False)
+        self.unet = ViewAlignedUNet(
+            parts.unet,
+            feature_levels=feature_levels,
+            attention_dim=attention_dim,
+            num_heads=num_heads,
+            window=window,
+            num_frequencies=num_frequencies,
+            use_mvam=use_mvam,
+            use_frm=use_frm,
+            train_unet=train_unet,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.feature_levels = sorted(self.unet.level_channels())
+        if level_weights is not None and len(level_weights) != len(self.feature_levels):
+            raise ValueError(
+                f"level_weights has {len(level_weights)} entries but there are "
+                f"{len(self.feature_levels)} feature levels {self.feature_levels}"
+            )
+        self.feature_extractor = FeatureExtractor(
+            mode=feature_mode, t_star=t_star, num_steps=inversion_steps, seed=feature_seed
+        )
+        self.memory_bank = MemoryBank()
+        self.test_metrics = AnomalyMetrics()
+        self.test_results: dict[str, float] | None = None
+
+    # ----------------------------------------------------------------------------- plumbing
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, MultiViewBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: keep it deterministic in every stage
+        return self
+
+    @property
+    def level_weights(self) -> dict[int, float]:
+        weights = self.hparams.level_weights or [1.0] * len(self.feature_levels)
+        return {level: float(w) for level, w in zip(self.feature_levels, weights, strict=True)}
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """``(B, V, 3, H, W)`` images -> ``(B, V, c, h, w)`` scaled latents ``z = s E(I)``."""
+        B, V = images.shape[:2]
+        latents = self.encoder(images.flatten(0, 1))
+        return latents.unflatten(0, (B, V))
+
+    def _conditioning(self, batch_size: int) -> Tensor:
+        return self.prompt_embedding.expand(batch_size, -1, -1)
+
+    # ----------------------------------------------------------------------------- training
+    def _objective(self, batch: MultiViewBatch):
+        latents = self.encode(batch.images)
+        return diffusion_objective(
+            self.unet,
+            latents,
+            self.noise_scheduler,
+            self._conditioning(batch.batch_size),
+            batch.homographies,
+            batch.image_size,
+            batch.neighbour_mask,
+            lambda_r=self.hparams.lambda_r,
+        )
+
+    def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
+        out = self._objective(batch)
+        self.log_dict(
+            {
+                "train/loss": out.loss,
+                "train/denoising_loss": out.denoising_loss,
+                "train/consistency_loss": out.consistency_loss,
+            },
+            prog_bar=True,
+            batch_size=batch.batch_size,
+        )
+        return out.loss
+
+    def validation_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
+        out = self._objective(batch)
+        self.log_dict(
+            {
+                "val/loss": out.loss,
+                "val/denoising_loss": out.denoising_loss,
+                "val/consistency_loss": out.consistency_loss,
+            },
+            batch_size=batch.batch_size,
+            sync_dist=True,
+        )
+        return out.loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.unet.trainable_parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+        )
+        warmup = self.hparams.warmup_steps
+        if warmup == 0 and self.hparams.lr_schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if self.hparams.lr_schedule == "cosine":
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ----------------------------------------------------------------------------- features
+    @torch.no_grad()
+    def extract_features(self, batch: MultiViewBatch) -> dict[int, Tensor]:
+        """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (DESIGN.md, Inference)."""
+        latents = self.encode(batch.images)
+        return self.feature_extractor(
+            self.unet,
+            latents,
+            self._conditioning(batch.batch_size),
+            batch.homographies,
+            batch.image_size,
+            batch.neighbour_mask,
+            self.noise_scheduler.alphas_cumprod,
+        )
+
+    @torch.no_grad()
+    def score(self, batch: MultiViewBatch) -> AnomalyPrediction:
+        if not self.memory_bank.is_built():
+            raise RuntimeError(
+                "the memory bank is empty: fit the model (MemoryBankCallback builds the bank at "
+                "fit end) or load a checkpoint written after fit"
+            )
+        features = self.extract_features(batch)
+        out = score_features(
+            self.memory_bank,
+            features,
+            batch.image_size,
+            weights=self.level_weights,
+            sigma=self.hparams.sigma,
+            backend=self.hparams.knn_backend,
+        )
+        return AnomalyPrediction(out.anomaly_maps, out.view_scores, out.sample_scores)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+        self.test_results = None
+
+    def test_step(self, batch: MultiViewBatch, batch_idx: int) -> AnomalyPrediction:
+        prediction = self.score(batch)
+        self.test_metrics.update(
+            prediction.anomaly_maps,
+            batch.masks,
+            prediction.view_scores,
+            prediction.sample_scores,
+            batch.view_labels,
+            batch.sample_labels,
+        )
+        return prediction
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute()
+        self.test_results = {k: float(v) for k, v in results.items()}
+        loggable = {f"test/{k}": v for k, v in self.test_results.items() if math.isfinite(v)}
+        # Already reduced across ranks by the metric, so no sync_dist here.
+        self.log_dict(loggable, rank_zero_only=True)
+
+    def predict_step(self, batch: MultiViewBatch, batch_idx: int) -> AnomalyPrediction:
+        return self.score(batch)
