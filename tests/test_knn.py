@@ -1,0 +1,148 @@
+"""Exact nearest-neighbour distances: both backends against a float64 brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vsad_lightning.models.knn import (
+    chunk_sizes,
+    faiss_available,
+    nearest_distance,
+    nearest_neighbour,
+    resolve_backend,
+)
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+
+
+def brute_force(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Reference: float64 distances by direct differences (no norm expansion)."""
+    dist = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    return dist.min(dim=1).values
+
+
+def make_data(seed: int = 0, offset: float = 0.0):
+    """A bank with duplicate rows, and queries that are bank rows, near-duplicates and random."""
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.randn(1500, 48, generator=g) + offset
+    bank[1000:1100] = bank[:100]  # duplicate rows: the argmin has ties
+    exact = bank[200:260].clone()
+    near = bank[300:360] + 1e-3 * torch.randn(60, 48, generator=g)
+    far = torch.randn(200, 48, generator=g) * 2 + offset
+    queries = torch.cat([exact, bank[:40].clone(), near, far])  # first 100 rows are in the bank
+    return queries, bank
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_matches_brute_force_with_duplicates_and_near_duplicates(backend):
+    queries, bank = make_data()
+    ours = nearest_distance(queries, bank, backend=backend)
+    reference = brute_force(queries, bank)
+    assert ours.dtype == torch.float32 and ours.shape == (queries.shape[0],)
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-6)
+    # A query that is a bank row is at distance exactly 0, not a rounding residue.
+    assert torch.equal(ours[:100], torch.zeros(100))
+    assert (ours[100:160] > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_exact_when_norms_dwarf_the_distances(backend):
+    # A common offset of 300 makes |a|^2 ~ 4e6 while nearest distances are ~1e-3..10: the plain
+    # float32 expansion (what torch.cdist does for large inputs) cannot resolve them.
+    queries, bank = make_data(seed=1, offset=300.0)
+    reference = brute_force(queries, bank)
+    naive = torch.cdist(queries, bank).min(dim=1).values.double()
+    assert (naive - reference).abs().max() > 1e-2, "the test data no longer stresses precision"
+    ours = nearest_distance(queries, bank, backend=backend)
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[:100], torch.zeros(100))
+
+
+def test_tiny_chunks_give_identical_results():
+    queries, bank = make_data(seed=2)
+    default = nearest_neighbour(queries, bank, backend="torch")
+    for budget in (100_000, 400_000):  # small query and bank chunks / a few bank chunks
+        q_chunk, n_chunk = chunk_sizes(queries.shape[0], bank.shape[0], bank.shape[1], budget)
+        assert n_chunk < bank.shape[0]
+        chunked = nearest_neighbour(queries, bank, backend="torch", max_chunk_bytes=budget)
+        assert torch.equal(chunked[0], default[0]), budget
+        # Same nearest row up to duplicated bank rows.
+        assert torch.equal(bank[chunked[1]], bank[default[1]]), budget
+    # The extreme: one query against one bank row per block.
+    assert chunk_sizes(30, 300, bank.shape[1], 1) == (1, 1)
+    one_by_one = nearest_distance(queries[:30], bank[:300], backend="torch", max_chunk_bytes=1)
+    assert torch.equal(one_by_one, nearest_distance(queries[:30], bank[:300], backend="torch"))
+
+
+def test_chunk_sizes_respect_the_budget():
+    for num_q, num_n, dim, budget in [
+        (20480, 1_000_000, 640, 256 * 2**20),
+        (20480, 100_000, 960, 256 * 2**20),
+        (7, 30, 16, 10**9),
+        (5000, 3000, 32, 200_000),
+    ]:
+        q, n = chunk_sizes(num_q, num_n, dim, budget)
+        assert 1 <= q <= num_q and 1 <= n <= num_n
+        assert 4 * (q * n + n * dim) <= budget
+    # A budget that holds everything uses one block.
+    assert chunk_sizes(7, 30, 16, 10**9) == (7, 30)
+
+
+@needs_faiss
+def test_faiss_equals_torch():
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(4000, 96, generator=g).relu()  # non-negative, like post-GELU features
+    queries = torch.randn(700, 96, generator=g).relu()
+    d_torch = nearest_distance(queries, bank, backend="torch")
+    d_faiss = nearest_distance(queries, bank, backend="faiss")
+    torch.testing.assert_close(d_faiss, d_torch, rtol=1e-4, atol=0.0)
+
+
+def test_cache_follows_in_place_changes_of_the_bank():
+    # load_state_dict copies into the existing buffer: cached norms must not go stale.
+    queries, bank = make_data(seed=4)
+    for backend in ["torch"] + (["faiss"] if faiss_available() else []):
+        work = bank.clone()
+        nearest_distance(queries, work, backend=backend)  # fills the caches
+        work.mul_(2.0).add_(0.5)
+        torch.testing.assert_close(
+            nearest_distance(queries, work, backend=backend).double(),
+            brute_force(queries, work),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_float16_bank_is_searched_in_float32():
+    queries, bank = make_data(seed=5)
+    half = bank.half()
+    ours = nearest_distance(queries, half, backend="torch")
+    assert ours.dtype == torch.float32
+    reference = brute_force(queries, half.float())
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
+    # Half-precision queries too (features under autocast): the differences are float32.
+    both = nearest_distance(queries.half(), half, backend="torch")
+    reference = brute_force(queries.half().float(), half.float())
+    torch.testing.assert_close(both.double(), reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(both[:100], torch.zeros(100))
+
+
+def test_bad_inputs_are_rejected():
+    bank = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="width mismatch"):
+        nearest_distance(torch.randn(3, 5), bank)
+    with pytest.raises(ValueError, match="no rows"):
+        nearest_distance(torch.randn(3, 4), torch.empty(0, 4))
+    with pytest.raises(ValueError, match=r"\(Q, D\)"):
+        nearest_distance(torch.randn(3), bank)
+    with pytest.raises(ValueError, match="backend"):
+        nearest_distance(torch.randn(3, 4), bank, backend="annoy")  # type: ignore[arg-type]
+    assert nearest_distance(torch.empty(0, 4), bank).shape == (0,)
+
+
+def test_auto_backend_resolution():
+    expected = "faiss" if faiss_available() else "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == expected
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
