@@ -50,6 +50,8 @@ class MemoryBankCallback(L.Callback):
         self.projection_dim = projection_dim
         self.seed = seed
         self.save_checkpoint = save_checkpoint
+        # How the bank was built; saved in the checkpoint (callbacks section) for audits.
+        self.build_info: dict = {}
 
     @torch.no_grad()
     def collect_features(self, trainer: L.Trainer, pl_module) -> dict[int, Tensor]:
@@ -74,6 +76,12 @@ class MemoryBankCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         features = self.collect_features(trainer, pl_module)
+        self.build_info = {
+            "world_size": trainer.world_size,
+            "coreset_ratio": self.coreset_ratio,
+            "feature_rows": {str(level): int(rows.shape[0]) for level, rows in features.items()},
+        }
+        rank_zero_info(f"memory bank: features gathered from {trainer.world_size} process(es)")
         for level, rows in sorted(features.items()):
             if self.coreset_ratio < 1.0:
                 keep = greedy_coreset(
@@ -85,6 +93,12 @@ class MemoryBankCallback(L.Callback):
         if self.save_checkpoint:
             # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
             trainer.save_checkpoint(Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT)
+
+    def state_dict(self) -> dict:
+        return dict(self.build_info)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.build_info = dict(state_dict)
 
     @staticmethod
     def _checkpoint_dir(trainer: L.Trainer) -> str:

@@ -15,7 +15,10 @@ from vsad_lightning.metrics.export import write_metrics
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run folder: the logger's version folder (``<root>/<dataset>/<category>/version_N``)."""
+    """The run folder: the logger's version folder (``<root>/<dataset>/<category>/version_N``).
+
+    ``trainer.log_dir`` is a collective (rank 0 broadcasts it): call this on every rank.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -30,10 +33,11 @@ class MetricsFileCallback(L.Callback):
         self.metrics_path: Path | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
+        folder = run_dir(trainer)
         if not trainer.is_global_zero or pl_module.test_results is None:
             return
         category = getattr(trainer.datamodule, "category", "unknown")
-        json_path, _ = write_metrics(run_dir(trainer), pl_module.test_results, category)
+        json_path, _ = write_metrics(folder, pl_module.test_results, category)
         self.metrics_path = json_path
 
 
@@ -73,10 +77,10 @@ class AnomalyMapPictures(L.Callback):
             )
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        out_dir = run_dir(trainer) / "images"
         if not trainer.is_global_zero or not self._kept:
             return
         top = max(float(maps.max()) for _, _, _, maps in self._kept)
-        out_dir = run_dir(trainer) / "images"
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample_id, images, masks, maps in self._kept:
             picture = self.render(images, masks, maps, vmax=top)

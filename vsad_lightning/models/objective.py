@@ -42,6 +42,7 @@ def diffusion_objective(
     neighbour_mask: Tensor,
     lambda_r: float = 0.1,
     generator: torch.Generator | None = None,
+    max_timestep: int | None = None,
 ) -> ObjectiveOutput:
     """``L = L_d + λ_r L_r`` on clean latents ``(B, V, c, h, w)``.
 
@@ -55,6 +56,10 @@ def diffusion_objective(
         lambda_r: ``λ_r`` (DESIGN.md default 0.1).
         generator: draws ``t`` and ``ε`` (on the generator's device, then moved); ``None``
             uses the global RNG of ``latents``' device.
+        max_timestep: draw ``t`` uniformly from ``[0, max_timestep)`` instead of the whole
+            schedule (``None``). The features are read at a small ``t*``; a model trained from
+            scratch learns the low-noise regime that those features come from much sooner when
+            training concentrates there.
     """
     if latents.dim() != 5:
         raise ValueError(f"latents must be (B, V, c, h, w), got shape {tuple(latents.shape)}")
@@ -63,6 +68,10 @@ def diffusion_objective(
     neighbour_mask = neighbour_mask.to(device=device, dtype=torch.bool)
     draw_on = generator.device if generator is not None else device
     num_train = int(scheduler.config.num_train_timesteps)
+    if max_timestep is not None:
+        if not 1 <= max_timestep <= num_train:
+            raise ValueError(f"max_timestep must be in [1, {num_train}], got {max_timestep}")
+        num_train = max_timestep
     timesteps = torch.randint(0, num_train, (B,), generator=generator, device=draw_on).to(device)
     noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=latents.dtype).to(
         device

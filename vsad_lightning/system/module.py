@@ -61,6 +61,8 @@ class VSADModule(L.LightningModule):
             random weights, so it needs ``all``.
         gradient_checkpointing: recompute U-Net activations in backward to save memory.
         lambda_r: weight of the consistency loss L_r in ``L = L_d + lambda_r * L_r``.
+        max_train_timestep: draw training timesteps from ``[0, max_train_timestep)`` rather
+            than the whole schedule (``None``, the paper's choice); see ``diffusion_objective``.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up steps of the learning rate (0: none).
         lr_schedule: ``constant`` or ``cosine`` decay to 0 over the estimated training steps.
@@ -88,6 +90,7 @@ class VSADModule(L.LightningModule):
         train_unet: Literal["none", "decoder", "all"] = "all",
         gradient_checkpointing: bool = False,
         lambda_r: float = 0.1,
+        max_train_timestep: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-2,
         warmup_steps: int = 0,
@@ -172,6 +175,7 @@ class VSADModule(L.LightningModule):
             batch.image_size,
             batch.neighbour_mask,
             lambda_r=self.hparams.lambda_r,
+            max_timestep=self.hparams.max_train_timestep,
         )
 
     def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
