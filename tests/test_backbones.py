@@ -158,3 +158,15 @@ def test_incomplete_sd2_folders_name_what_is_missing(tmp_path):
         build_backbone("sd2", path=tmp_path / "nowhere")
     with pytest.raises(DataError, match="needs a local folder"):
         build_backbone("sd2")
+
+
+def test_sd2_path_can_come_from_the_environment(tmp_path, monkeypatch):
+    from vsad_lightning.errors import DataError
+    from vsad_lightning.models.backbones import SD2_PATH_ENV, build_backbone
+
+    monkeypatch.delenv(SD2_PATH_ENV, raising=False)
+    with pytest.raises(DataError, match=SD2_PATH_ENV):
+        build_backbone("sd2")
+    monkeypatch.setenv(SD2_PATH_ENV, str(tmp_path / "sd2-copy"))
+    with pytest.raises(DataError, match="sd2-copy"):
+        build_backbone("sd2")  # the folder from the environment is the one checked

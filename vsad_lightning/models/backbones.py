@@ -29,6 +29,7 @@ not ``nn.Module``s and live next to the models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ SD2_FOLDER_LAYOUT = (
     f"{PROMPT_EMBEDDING_FILE} (tensor {PROMPT_EMBEDDING_KEY!r} of shape (1, L, D)) or "
     "text_encoder/ + tokenizer/ (needs the optional extra 'sd2': pip install transformers)"
 )
+
+SD2_PATH_ENV = "VSAD_SD2_PATH"
+"""Environment variable naming the local SD2 folder when no path is configured."""
 
 TINY_UNSHUFFLE_FACTOR = 4
 """Spatial downsampling of the tiny backbone's encoders (pixel-unshuffle and tiny VAE)."""
@@ -107,7 +111,8 @@ def build_backbone(
 
     Args:
         name: ``tiny`` (random init, CPU-friendly) or ``sd2`` (local folder ``path``).
-        path: the SD2 folder; required for ``sd2``, unused by ``tiny``.
+        path: the SD2 folder for ``sd2`` (unused by ``tiny``); when ``None``, the environment
+            variable ``VSAD_SD2_PATH`` gives it (so cluster jobs can share one config).
         image_size: the training image side; the tiny U-Net's ``sample_size`` derives from it.
         tiny_encoder: ``unshuffle`` (fixed invertible pixel-unshuffle by 4, 48 latent channels)
             or ``vae`` (tiny random ``AutoencoderKL``, 4 latent channels).
@@ -119,8 +124,12 @@ def build_backbone(
             global RNG), so every process and every rerun starts from the same weights.
     """
     if name == "sd2":
-        if path is None:
-            raise DataError(f"backbone 'sd2' needs a local folder (path); {SD2_FOLDER_LAYOUT}")
+        path = path if path is not None else os.environ.get(SD2_PATH_ENV)
+        if not path:
+            raise DataError(
+                f"backbone 'sd2' needs a local folder: set model.backbone_path or the "
+                f"environment variable {SD2_PATH_ENV}; {SD2_FOLDER_LAYOUT}"
+            )
         return _build_sd2(Path(path))
     if name == "tiny":
         return _build_tiny(
