@@ -14,6 +14,8 @@ more entry. Sections:
   320 channels: the gathered bytes follow ``attention_dim`` and ignore the channel count.
 - ``unet``: a whole training step of the tiny backbone, plain U-Net against the view-aligned
   one (MVAM only, FRM only, both, both with gradient checkpointing); see ``unet_section``.
+- ``unet-sd2``: the same at Stable Diffusion 2 base's widths (320/640/1280/1280, random
+  weights, 128 px -> 16x16 latents), decoder trainable (``train_unet="decoder"``).
 
 One sample of 5 views (Real-IAD), ``top_and_ring`` neighbours, R = 3, fp32 on CPU unless
 ``--bf16``. On a shared machine run with ``OMP_NUM_THREADS=1``: with more threads than free
@@ -90,7 +92,45 @@ UNET_VARIANTS = [  # (row name, use_mvam, use_frm, gradient_checkpointing)
 ]
 
 
+def _sd2_width_backbone(latent_side: int):
+    """SD2 base's U-Net layout and widths, random weights, with a zero prompt (no download)."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from vsad_lightning.models.backbones import tiny_noise_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=latent_side,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    )
+    return SimpleNamespace(
+        unet=unet,
+        scheduler=tiny_noise_scheduler(),
+        prompt_embedding=torch.zeros(1, 77, 1024),
+        downsample_factor=8,
+        latent_channels=4,
+    )
+
+
 def unet_section(args: argparse.Namespace) -> list[dict]:
+    return _unet_rows(args, "tiny", image=128, attention_dim=32, train_unet="all")
+
+
+def unet_sd2_section(args: argparse.Namespace) -> list[dict]:
+    # SD2 widths at a small latent (128 px -> 16x16); decoder trainable so the plain row has a
+    # backward pass too.
+    return _unet_rows(args, "sd2", image=128, attention_dim=64, train_unet="decoder")
+
+
+def _unet_rows(
+    args: argparse.Namespace, widths: str, image: int, attention_dim: int, train_unet: str
+) -> list[dict]:
     import itertools
     import statistics
     import time
@@ -103,17 +143,20 @@ def unet_section(args: argparse.Namespace) -> list[dict]:
     from vsad_lightning.models.objective import diffusion_objective
     from vsad_lightning.models.unet import ViewAlignedUNet
 
-    image, views, attention_dim = 128, 5, 32
+    views = 5
     rows = []
     for name, use_mvam, use_frm, checkpointing in UNET_VARIANTS:
-        backbone = build_backbone("tiny", image_size=image)
+        if widths == "tiny":
+            backbone = build_backbone("tiny", image_size=image)
+        else:
+            backbone = _sd2_width_backbone(image // 8)
         torch.manual_seed(0)
         model = ViewAlignedUNet(
             backbone.unet,
             attention_dim=attention_dim,
             use_mvam=use_mvam,
             use_frm=use_frm,
-            train_unet="all",
+            train_unet=train_unet,
             gradient_checkpointing=checkpointing,
         )
         with torch.no_grad():
@@ -159,7 +202,7 @@ def unet_section(args: argparse.Namespace) -> list[dict]:
         profiler_peak = max(itertools.accumulate(e.self_cpu_memory_usage for e in events))
         rows.append(
             {
-                "section": "unet",
+                "section": "unet" if widths == "tiny" else "unet-sd2",
                 "level": name,
                 "channels": len(model.aligners),
                 "h": side,
@@ -189,6 +232,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "sd2": sd2_section,
     "scaling": scaling_section,
     "unet": unet_section,
+    "unet-sd2": unet_sd2_section,
 }
 
 
