@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.data.synthetic import TRUTH_DIR, write_synthetic_dataset
@@ -81,3 +82,15 @@ def synthetic_root_cached(synthetic_root, tmp_path_factory) -> Path:
     cache.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(root / TRUTH_DIR / f"{SYNTHETIC.category}.json", cache)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests on one torch thread, then restore the setting.
+
+    Tiny tensors are fastest on one thread, and it avoids oversubscribing a shared CPU.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -50,13 +50,8 @@ def synthetic_latents(backbone, image_size: int = IMAGE) -> torch.Tensor:
         return backbone.encoder(images.flatten(0, 1)).unflatten(0, (B, V))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest and avoids oversubscribing a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread (see the fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
