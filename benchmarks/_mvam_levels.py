@@ -18,6 +18,7 @@ import itertools
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,6 +67,44 @@ def level_homographies(batch: int, views: int, width: int, height: int, seed: in
     return H.float()
 
 
+def measure_step(step: Callable[[], None], repeats: int, profile_memory: bool = True) -> dict:
+    """Time ``step`` (after one warm-up call) and measure its memory, side by side.
+
+    Returns ``time_s`` (median), ``time_min_s``, ``rss_peak_delta_bytes`` (VmHWM over VmRSS
+    for one more call, when the kernel lets us reset the peak) and ``profiler_peak_bytes``
+    (the running sum of torch's CPU allocations in one profiled call; None when not asked).
+    """
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+
+    rss_delta = None
+    rss_before = _proc_status("VmRSS")
+    if rss_before is not None and _reset_rss_peak():
+        step()
+        peak = _proc_status("VmHWM")
+        rss_delta = None if peak is None else max(0, peak - rss_before)
+
+    profiler_peak = None
+    if profile_memory:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        running = itertools.accumulate(e.self_cpu_memory_usage for e in events)
+        profiler_peak = max(running, default=0)
+    return {
+        "time_s": statistics.median(times),
+        "time_min_s": min(times),
+        "profiler_peak_bytes": profiler_peak,
+        "rss_peak_delta_bytes": rss_delta,
+    }
+
+
 def bench_mvam_level(
     channels: int,
     h: int,
@@ -111,29 +150,7 @@ def bench_mvam_level(
             out = module(x, H)
         out.float().square().mean().backward()
 
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-
-    rss_delta = None
-    rss_before = _proc_status("VmRSS")
-    if rss_before is not None and _reset_rss_peak():
-        step()
-        peak = _proc_status("VmHWM")
-        rss_delta = None if peak is None else max(0, peak - rss_before)
-
-    profiler_peak = None
-    if profile_memory:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        events = sorted(prof.events(), key=lambda e: e.time_range.start)
-        running = itertools.accumulate(e.self_cpu_memory_usage for e in events)
-        profiler_peak = max(running, default=0)
+    measured = measure_step(step, repeats, profile_memory=profile_memory)
 
     element_size = 2 if autocast_bf16 else 4
     sizes = candidate_bytes(
@@ -148,11 +165,8 @@ def bench_mvam_level(
         "attention_dim": attention_dim,
         "candidates": sizes["candidates"],
         "dtype": "bf16-autocast" if autocast_bf16 else "fp32",
-        "time_s": statistics.median(times),
-        "time_min_s": min(times),
         "gathered_bytes": sizes["gathered_kv"],
         "candidate_bytes_total": sizes["total"],
         "input_bytes": x.numel() * 4,
-        "profiler_peak_bytes": profiler_peak,
-        "rss_peak_delta_bytes": rss_delta,
+        **measured,
     }

@@ -131,12 +131,8 @@ def unet_sd2_section(args: argparse.Namespace) -> list[dict]:
 def _unet_rows(
     args: argparse.Namespace, widths: str, image: int, attention_dim: int, train_unet: str
 ) -> list[dict]:
-    import itertools
-    import statistics
-    import time
 
-    from _mvam_levels import _proc_status, _reset_rss_peak, level_homographies
-    from torch.profiler import ProfilerActivity, profile
+    from _mvam_levels import level_homographies, measure_step
 
     from vsad_lightning.geometry.projection import neighbour_mask
     from vsad_lightning.models.backbones import build_backbone
@@ -184,22 +180,7 @@ def _unet_rows(
                 )
             out.loss.backward()
 
-        step()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        rss_delta = None
-        rss_before = _proc_status("VmRSS")
-        if rss_before is not None and _reset_rss_peak():
-            step()
-            peak = _proc_status("VmHWM")
-            rss_delta = None if peak is None else max(0, peak - rss_before)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        events = sorted(prof.events(), key=lambda e: e.time_range.start)
-        profiler_peak = max(itertools.accumulate(e.self_cpu_memory_usage for e in events))
+        measured = measure_step(step, args.repeats)
         rows.append(
             {
                 "section": "unet" if widths == "tiny" else "unet-sd2",
@@ -212,12 +193,9 @@ def _unet_rows(
                 "attention_dim": attention_dim if use_mvam else 0,
                 "candidates": 1 + (views - 1) * 9 if use_mvam else 0,
                 "dtype": "bf16-autocast" if args.bf16 else "fp32",
-                "time_s": statistics.median(times),
-                "time_min_s": min(times),
                 "gathered_bytes": None,
                 "input_bytes": latents.numel() * 4,
-                "profiler_peak_bytes": profiler_peak,
-                "rss_peak_delta_bytes": rss_delta,
+                **measured,
                 "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
             }
         )
