@@ -185,3 +185,61 @@ def test_coreset_rejects_bad_ratio():
         greedy_coreset(torch.randn(5, 2), 0.0)
     with pytest.raises(ValueError, match="ratio"):
         greedy_coreset(torch.randn(5, 2), 1.5)
+
+
+def _brute_positional(bank_maps: torch.Tensor, queries: torch.Tensor, radius: int) -> torch.Tensor:
+    """Loop-by-loop reference: same view, |dy|, |dx| <= radius, inside the map."""
+    batch, views, _, height, width = queries.shape
+    out = torch.empty(batch, views, height, width)
+    for b in range(batch):
+        for v in range(views):
+            for y in range(height):
+                for x in range(width):
+                    ys = slice(max(0, y - radius), min(height, y + radius + 1))
+                    xs = slice(max(0, x - radius), min(width, x + radius + 1))
+                    cands = bank_maps[:, v, :, ys, xs].permute(0, 2, 3, 1).reshape(-1, 4)
+                    out[b, v, y, x] = (cands - queries[b, v, :, y, x]).norm(dim=1).min()
+    return out
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_positional_distances_equal_a_brute_force_window_search(radius):
+    gen = torch.Generator().manual_seed(radius)
+    bank_maps = torch.randn(3, 2, 4, 5, 6, generator=gen)  # (n, V, C, h, w)
+    queries = torch.randn(2, 2, 4, 5, 6, generator=gen)
+    bank = MemoryBank()
+    bank.set_level(1, flatten_features(bank_maps), grid=(2, 5, 6))
+    expected = _brute_positional(bank_maps, queries, radius)
+    got = bank.positional_distances(1, queries, radius)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # A tiny chunk bound splits the bank rows; the answer must not change.
+    small = bank.positional_distances(1, queries, radius, max_chunk_bytes=1)
+    torch.testing.assert_close(small, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_positional_search_finds_a_training_feature_in_its_own_place_exactly():
+    bank_maps = torch.randn(4, 2, 8, 6, 6, generator=torch.Generator().manual_seed(0)) * 100
+    bank = MemoryBank()
+    bank.set_level(0, flatten_features(bank_maps), grid=(2, 6, 6))
+    # Large values make the expanded form lose precision; the exact recompute must give 0.
+    assert bank.positional_distances(0, bank_maps[2:3], radius=1).abs().max() == 0
+
+
+def test_positional_search_needs_a_bank_with_positions(tmp_path):
+    bank = MemoryBank()
+    bank.set_level(0, torch.randn(10, 4))
+    with pytest.raises(ValueError, match="coreset_ratio: 1.0"):
+        bank.positional_distances(0, torch.randn(1, 1, 4, 2, 5), radius=1)
+    with pytest.raises(ValueError, match="not whole feature maps"):
+        bank.set_level(0, torch.randn(10, 4), grid=(1, 3, 3))
+    # The grid travels in the state dict into a fresh bank.
+    bank.set_level(0, torch.randn(18, 4), grid=(1, 3, 3))
+    path = tmp_path / "bank.pt"
+    torch.save(bank.state_dict(), path)
+    fresh = MemoryBank()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.grid(0) == (1, 3, 3)
+    queries = torch.randn(1, 1, 4, 3, 3)
+    torch.testing.assert_close(
+        fresh.positional_distances(0, queries, 1), bank.positional_distances(0, queries, 1)
+    )

@@ -52,10 +52,25 @@ class MemoryBankCallback(L.Callback):
         self.save_checkpoint = save_checkpoint
         # How the bank was built; saved in the checkpoint (callbacks section) for audits.
         self.build_info: dict = {}
+        self.grids: dict[int, tuple[int, int, int]] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Fail before training, not after it, when the bank cannot serve the scoring.
+        if getattr(pl_module.hparams, "bank_mode", "global") == "positional" and (
+            self.coreset_ratio < 1.0
+        ):
+            raise ValueError(
+                "model.bank_mode 'positional' compares features in place and needs every "
+                f"training feature: set bank.coreset_ratio to 1.0 (got {self.coreset_ratio})"
+            )
 
     @torch.no_grad()
     def collect_features(self, trainer: L.Trainer, pl_module) -> dict[int, Tensor]:
-        """This rank's shard of training features, gathered from every rank: ``(N_l, C_l)``."""
+        """This rank's shard of training features, gathered from every rank: ``(N_l, C_l)``.
+
+        Also records each level's ``(V, h, w)`` grid in ``self.grids``: the rows are whole
+        feature maps in ``flatten_features`` order (rank order under DDP, whole samples each).
+        """
         loader = _shard(
             trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
         )
@@ -65,6 +80,7 @@ class MemoryBankCallback(L.Callback):
         for batch in loader:
             batch = batch.to(pl_module.device)
             for level, feats in pl_module.extract_features(batch).items():
+                self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                 chunks.setdefault(level, []).append(flatten_features(feats.float()))
         pl_module.train(was_training)
         if not chunks:
@@ -83,12 +99,13 @@ class MemoryBankCallback(L.Callback):
         }
         rank_zero_info(f"memory bank: features gathered from {trainer.world_size} process(es)")
         for level, rows in sorted(features.items()):
+            grid = self.grids.get(level)
             if self.coreset_ratio < 1.0:
                 keep = greedy_coreset(
                     rows, self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed
                 )
-                rows = rows[keep]
-            pl_module.memory_bank.set_level(level, rows)
+                rows, grid = rows[keep], None  # a coreset keeps no positions
+            pl_module.memory_bank.set_level(level, rows, grid=grid)
             rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
         if self.save_checkpoint:
             # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.

@@ -213,3 +213,34 @@ class FeatureExtractor:
 
         z_star = self._noised_latents(run, latents, alphas_cumprod, prediction_type)
         return run(z_star, self.t_star, True).features
+
+
+FeatureNorm = Literal["none", "instance", "l2"]
+
+
+def normalise_features(features: dict[int, Tensor], how: FeatureNorm) -> dict[int, Tensor]:
+    """Normalise per-level features ``(B, V, C, h, w)`` before they meet the memory bank.
+
+    ``model.feature_norm``; the bank and the queries always get the same treatment.
+
+    - ``none``: the U-Net's features as they are (the paper).
+    - ``instance``: standardise every channel over the positions of ONE view image (zero
+      mean, unit variance). Each camera of a rig has its own exposure and lighting; this takes
+      those per-image offsets and gains out of the distances, so a brighter side view is not
+      an anomaly. A defect is local, so it survives; a change that covers the WHOLE image
+      evenly does not (use ``none`` when such changes are defects).
+    - ``l2``: unit length per position (cosine-like distances).
+    """
+    if how == "none":
+        return features
+    if how == "instance":
+        out = {}
+        for level, f in features.items():
+            mean = f.mean(dim=(-2, -1), keepdim=True)
+            std = f.std(dim=(-2, -1), keepdim=True)
+            # The floor keeps a constant channel (std 0) finite instead of dividing by zero.
+            out[level] = (f - mean) / (std + 1e-5)
+        return out
+    if how == "l2":
+        return {level: torch.nn.functional.normalize(f, dim=2) for level, f in features.items()}
+    raise ValueError(f"unknown feature_norm {how!r}; expected 'none', 'instance' or 'l2'")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vsad_lightning.models.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend, nearest_distance
 
 _BANK_PREFIX = "bank_"
+_GRID_PREFIX = "grid_"
 
 
 def flatten_features(features: Tensor) -> Tensor:
@@ -178,19 +179,128 @@ class MemoryBank(nn.Module):
         levels = self.levels
         return bool(levels) and all(self.bank(level).shape[0] > 0 for level in levels)
 
+    def grid(self, level: int) -> tuple[int, int, int] | None:
+        """``(V, h, w)`` when the bank of ``level`` holds whole feature maps in place, else None.
+
+        Only such a bank (every training feature, rows in ``flatten_features`` order) supports
+        ``positional_distances``; a coreset keeps no positions.
+        """
+        grid = self._buffers.get(f"{_GRID_PREFIX}{int(level)}")
+        return None if grid is None else tuple(int(g) for g in grid.tolist())
+
     @torch.no_grad()
-    def set_level(self, level: int, features: Tensor) -> None:
-        """Store ``features`` ``(N, D)`` as the bank of ``level`` (replacing any previous one)."""
+    def set_level(
+        self, level: int, features: Tensor, grid: tuple[int, int, int] | None = None
+    ) -> None:
+        """Store ``features`` ``(N, D)`` as the bank of ``level`` (replacing any previous one).
+
+        Args:
+            level: the decoder level.
+            features: ``(N, D)`` rows.
+            grid: ``(V, h, w)`` when ``features`` are whole ``(n, V, D, h, w)`` feature maps
+                flattened by ``flatten_features`` (then ``N = n V h w``); it enables the
+                positional search. ``None`` for a coreset or any other set of rows.
+        """
         if features.dim() != 2 or features.shape[0] == 0 or features.shape[1] == 0:
             raise ValueError(
                 f"bank level {level}: expected features (N, D) with N, D >= 1, got "
                 f"{tuple(features.shape)}"
+            )
+        if grid is not None and (len(grid) != 3 or features.shape[0] % math.prod(grid)):
+            raise ValueError(
+                f"bank level {level}: {features.shape[0]} rows are not whole feature maps of "
+                f"grid (V, h, w) = {tuple(grid)}"
             )
         if not torch.isfinite(features).all():
             raise ValueError(f"bank level {level}: features contain NaN or inf")
         dtype = self.storage_dtype or torch.float32
         rows = features.detach().to(device=self._device_anchor.device, dtype=dtype)
         self.register_buffer(self.buffer_name(level), rows.contiguous())
+        grid_name = f"{_GRID_PREFIX}{int(level)}"
+        if grid is None:
+            self._buffers.pop(grid_name, None)
+        else:
+            grid_tensor = torch.tensor(grid, dtype=torch.long, device=self._device_anchor.device)
+            self.register_buffer(grid_name, grid_tensor)
+
+    @torch.no_grad()
+    def positional_distances(
+        self,
+        level: int,
+        features: Tensor,
+        radius: int,
+        *,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> Tensor:
+        """``(B, V, h, w)`` distance of each query to the nearest bank feature NEAR ITS PLACE.
+
+        The positional bank (``model.bank_mode: positional``): a fixed inspection rig sees
+        each part at nearly the same place in every image, so the query at view ``v``,
+        position ``(y, x)`` is compared only with training features of the same view within
+        ``radius`` positions (Chebyshev), instead of the paper's global bank. Benign
+        appearance that is normal at one place (an edge, a highlight) can then no longer hide
+        a defect somewhere else. Distances are exact: the nearest candidate is chosen from the
+        expanded ``|a|^2 - 2ab + |b|^2`` form, then its distance is recomputed directly.
+
+        Args:
+            level: the decoder level; its bank must hold whole feature maps (``grid``).
+            features: ``(B, V, C, h, w)`` queries on the bank's grid.
+            radius: the search window's half-width in feature positions (0: same position).
+            max_chunk_bytes: bound of the ``(B, V, h, w, n)`` distance block per window shift.
+        """
+        grid = self.grid(level)
+        if grid is None:
+            raise ValueError(
+                f"bank level {level} keeps no positions (it was built from a coreset or loaded "
+                "without its grid); the positional bank needs bank.coreset_ratio: 1.0"
+            )
+        if radius < 0:
+            raise ValueError(f"radius must be >= 0, got {radius}")
+        views, height, width = grid
+        rows = self.bank(level)
+        channels = rows.shape[1]
+        if features.dim() != 5 or tuple(features.shape[1:]) != (views, channels, height, width):
+            raise ValueError(
+                f"bank level {level} holds maps (V, C, h, w) = {(views, channels, height, width)};"
+                f" got queries of shape {tuple(features.shape)}"
+            )
+        bank = rows.float().reshape(-1, views, height, width, channels)  # (n, V, h, w, C)
+        queries = features.to(rows.device, torch.float32).permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
+        batch, count = queries.shape[0], bank.shape[0]
+        bank_sq = bank.square().sum(-1).permute(1, 2, 3, 0)  # (V, h, w, n)
+        query_sq = queries.square().sum(-1, keepdim=True)  # (B, V, h, w, 1)
+        per_bank_row = batch * views * height * width * 4
+        step = max(1, min(count, max_chunk_bytes // max(1, per_bank_row)))
+
+        best = queries.new_full((batch, views, height, width), math.inf)
+        best_row = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+        best_dy = torch.zeros_like(best_row)
+        best_dx = torch.zeros_like(best_row)
+        for dy in range(-radius, radius + 1):
+            # Queries at y compare with bank features at y + dy; only in-map pairs exist.
+            qy = slice(max(0, -dy), height - max(0, dy))
+            by = slice(max(0, dy), height - max(0, -dy))
+            for dx in range(-radius, radius + 1):
+                qx = slice(max(0, -dx), width - max(0, dx))
+                bx = slice(max(0, dx), width - max(0, -dx))
+                q = queries[:, :, qy, qx]
+                for start in range(0, count, step):
+                    b = bank[start : start + step, :, by, bx]
+                    sq = query_sq[:, :, qy, qx] + bank_sq[:, by, bx, start : start + step]
+                    sq = sq - 2.0 * torch.einsum("bvyxc,nvyxc->bvyxn", q, b)
+                    value, index = sq.min(dim=-1)
+                    region = best[:, :, qy, qx]
+                    better = value < region
+                    region[better] = value[better]
+                    best_row[:, :, qy, qx][better] = index[better] + start
+                    best_dy[:, :, qy, qx][better] = dy
+                    best_dx[:, :, qy, qx][better] = dx
+        # Exact distance to each winner (the expanded form loses precision when a ~ b).
+        v_idx = torch.arange(views, device=best.device).view(1, views, 1, 1)
+        y_idx = torch.arange(height, device=best.device).view(1, 1, height, 1) + best_dy
+        x_idx = torch.arange(width, device=best.device).view(1, 1, 1, width) + best_dx
+        winners = bank[best_row, v_idx.expand_as(best_row), y_idx, x_idx]  # (B, V, h, w, C)
+        return (queries - winners).norm(dim=-1)
 
     def distances(
         self,
@@ -221,6 +331,11 @@ class MemoryBank(nn.Module):
             if not key.startswith(prefix) or not isinstance(value, Tensor):
                 continue
             name = key[len(prefix) :]
+            if name.startswith(_GRID_PREFIX) and value.dim() == 1:
+                self.register_buffer(
+                    name, torch.empty_like(value, device=self._device_anchor.device)
+                )
+                continue
             if self._level_of(name) is None or value.dim() != 2:
                 continue
             dtype = self.storage_dtype or value.dtype
@@ -233,5 +348,9 @@ class MemoryBank(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        sizes = ", ".join(f"{level}: {tuple(self.bank(level).shape)}" for level in self.levels)
+        sizes = ", ".join(
+            f"{level}: {tuple(self.bank(level).shape)}"
+            + (f" on grid {grid}" if (grid := self.grid(level)) else "")
+            for level in self.levels
+        )
         return f"levels={{{sizes}}}"

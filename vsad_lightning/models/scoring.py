@@ -123,14 +123,24 @@ def level_distance_maps(
     *,
     backend: KnnBackend = "auto",
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    positional_radius: int | None = None,
 ) -> dict[int, Tensor]:
-    """Level -> ``(B, V, h_l, w_l)`` distance of every feature position to the level's bank."""
+    """Level -> ``(B, V, h_l, w_l)`` distance of every feature position to the level's bank.
+
+    ``positional_radius`` ``None`` searches the whole bank (the paper's global bank); an integer
+    searches only the same view within that many positions (``MemoryBank.positional_distances``).
+    """
     out = {}
     for level, feats in features.items():
         if feats.dim() != 5:
             raise ValueError(
                 f"level {level}: expected features (B, V, C, h, w), got {tuple(feats.shape)}"
             )
+        if positional_radius is not None:
+            out[level] = bank.positional_distances(
+                level, feats, positional_radius, max_chunk_bytes=max_chunk_bytes
+            )
+            continue
         batch, views, _, height, width = feats.shape
         distances = bank.distances(
             level, flatten_features(feats), backend=backend, max_chunk_bytes=max_chunk_bytes
@@ -149,6 +159,7 @@ def score_features(
     *,
     backend: KnnBackend = "auto",
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    positional_radius: int | None = None,
 ) -> ScoreOutput:
     """Score a batch end to end: kNN distances per level -> maps -> view and sample scores.
 
@@ -158,9 +169,14 @@ def score_features(
         image_size: ``(W, H)`` of the images.
         weights, sigma: see ``anomaly_maps``.
         backend, max_chunk_bytes: see ``vsad_lightning.models.knn.nearest_distance``.
+        positional_radius: see ``level_distance_maps``.
     """
     distances = level_distance_maps(
-        bank, features, backend=backend, max_chunk_bytes=max_chunk_bytes
+        bank,
+        features,
+        backend=backend,
+        max_chunk_bytes=max_chunk_bytes,
+        positional_radius=positional_radius,
     )
     maps = anomaly_maps(distances, image_size, weights=weights, sigma=sigma)
     per_view = view_scores(maps)

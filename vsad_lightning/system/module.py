@@ -20,7 +20,7 @@ from torch import Tensor
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.models.backbones import build_backbone
-from vsad_lightning.models.features import FeatureExtractor
+from vsad_lightning.models.features import FeatureExtractor, FeatureNorm, normalise_features
 from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.objective import diffusion_objective
 from vsad_lightning.models.scoring import score_features
@@ -72,6 +72,12 @@ class VSADModule(L.LightningModule):
         level_weights: ``w_l`` in the pixel score, one per feature level (default: all 1).
         sigma: Gaussian smoothing of the anomaly maps, in image pixels.
         knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``; same results.
+        feature_norm: ``none | instance | l2``, applied to bank and test features alike
+            (``vsad_lightning.models.features.normalise_features``).
+        bank_mode: ``global`` (the paper: every query against the whole bank of its level) or
+            ``positional`` (only the same view within ``positional_radius`` feature positions;
+            needs ``bank.coreset_ratio: 1.0``; ``MemoryBank.positional_distances``).
+        positional_radius: the positional bank's search half-width, in feature positions.
     """
 
     def __init__(
@@ -102,6 +108,9 @@ class VSADModule(L.LightningModule):
         level_weights: Sequence[float] | None = None,
         sigma: float = 4.0,
         knn_backend: Literal["auto", "torch", "faiss"] = "auto",
+        feature_norm: FeatureNorm = "none",
+        bank_mode: Literal["global", "positional"] = "global",
+        positional_radius: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -133,6 +142,10 @@ class VSADModule(L.LightningModule):
         self.feature_extractor = FeatureExtractor(
             mode=feature_mode, t_star=t_star, num_steps=inversion_steps, seed=feature_seed
         )
+        if bank_mode not in ("global", "positional"):
+            raise ValueError(f"bank_mode must be 'global' or 'positional', got {bank_mode!r}")
+        if positional_radius < 0:
+            raise ValueError(f"positional_radius must be >= 0, got {positional_radius}")
         self.memory_bank = MemoryBank()
         self.test_metrics = AnomalyMetrics()
         self.test_results: dict[str, float] | None = None
@@ -234,7 +247,7 @@ class VSADModule(L.LightningModule):
     def extract_features(self, batch: MultiViewBatch) -> dict[int, Tensor]:
         """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (DESIGN.md, Inference)."""
         latents = self.encode(batch.images)
-        return self.feature_extractor(
+        features = self.feature_extractor(
             self.unet,
             latents,
             self._conditioning(batch.batch_size),
@@ -243,6 +256,7 @@ class VSADModule(L.LightningModule):
             batch.neighbour_mask,
             self.noise_scheduler.alphas_cumprod,
         )
+        return normalise_features(features, self.hparams.feature_norm)
 
     @torch.no_grad()
     def score(self, batch: MultiViewBatch) -> AnomalyPrediction:
@@ -259,6 +273,9 @@ class VSADModule(L.LightningModule):
             weights=self.level_weights,
             sigma=self.hparams.sigma,
             backend=self.hparams.knn_backend,
+            positional_radius=(
+                self.hparams.positional_radius if self.hparams.bank_mode == "positional" else None
+            ),
         )
         return AnomalyPrediction(out.anomaly_maps, out.view_scores, out.sample_scores)
 
