@@ -13,6 +13,7 @@ from vsad_lightning.models.features import (
     ddim_invert,
     fixed_noise,
     inversion_timesteps,
+    normalise_features,
     to_epsilon,
 )
 from vsad_lightning.models.unet import ViewAlignedUNet
@@ -219,3 +220,27 @@ def test_invalid_settings_are_rejected(setup):
             NEIGHBOURS,
             backbone.scheduler.alphas_cumprod,
         )
+
+
+def test_instance_norm_removes_a_per_view_gain_and_offset_but_keeps_local_defects():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 8, 6, 6, generator=gen)
+    # A second camera sees the same part brighter and with more contrast.
+    brighter = 3.0 * base + 5.0
+    out = normalise_features({0: torch.cat([base, brighter], dim=1)}, "instance")[0]
+    torch.testing.assert_close(out[:, 0], out[:, 1], rtol=1e-4, atol=1e-4)
+    assert out.mean(dim=(-2, -1)).abs().max() < 1e-5
+    # A local defect still stands out after normalisation.
+    defect = base.clone()
+    defect[..., 2, 3] += 10.0
+    normed = normalise_features({0: torch.cat([base, defect], dim=1)}, "instance")[0]
+    diff = (normed[:, 0] - normed[:, 1]).norm(dim=1)[0]
+    assert diff.argmax() == 2 * 6 + 3
+
+
+def test_l2_norm_gives_unit_rows_and_none_is_identity():
+    f = {1: torch.randn(2, 3, 4, 5, 5)}
+    assert normalise_features(f, "none") is f
+    torch.testing.assert_close(normalise_features(f, "l2")[1].norm(dim=2), torch.ones(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="feature_norm"):
+        normalise_features(f, "batch")
