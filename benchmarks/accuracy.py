@@ -1,0 +1,178 @@
+"""Accuracy ablations side by side: full VSAD vs its parts switched off, on the synthetic rig.
+
+Every variant is one set of ``vsad-fit`` overrides on top of one base config; each variant is
+trained and tested on every category with the same seeds, through the same ``fit_main`` users
+run. Results: ``<out>/accuracy.md`` (per category and mean) and ``<out>/accuracy.png`` (mean
+bars), plus the runs under ``<out>/runs/<variant>/``.
+
+    python benchmarks/accuracy.py                       # the whole table (long on a CPU)
+    python benchmarks/accuracy.py --quick               # 64 px, 1 epoch: a smoke-scale table
+    python benchmarks/accuracy.py --variants full single_view
+
+Variants (issue 6):
+- ``full``: the base config as it is.
+- ``mvam_off`` / ``frm_off``: ``model.use_mvam`` / ``model.use_frm`` false.
+- ``R1`` / ``R3`` / ``R5``: MVAM's candidate window ``model.window``.
+- ``levels_last`` / ``levels_last2`` / ``levels_last3``: ``model.feature_levels``.
+- ``noise_mode``: ``model.feature_mode noise`` instead of DDIM inversion.
+- ``single_view``: the PatchCore-style baseline: the same backbone and training budget,
+  no MVAM, no FRM, views scored independently against one global bank.
+- ``global_bank`` / ``positional_bank`` / ``no_norm`` / ``instance_norm``: the scoring
+  choices of the embedded default (issue 6, section 5), each flipped on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from vsad_lightning.cli.run import fit_main
+from vsad_lightning.data.synthetic import write_synthetic_dataset
+from vsad_lightning.metrics.export import collect_metrics
+
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "mvam_off": ["--model.use_mvam", "false"],
+    "frm_off": ["--model.use_frm", "false"],
+    "R1": ["--model.window", "1"],
+    "R3": ["--model.window", "3"],
+    "R5": ["--model.window", "5"],
+    "levels_last": ["--model.feature_levels", "[-1]"],
+    "levels_last2": ["--model.feature_levels", "[-2, -1]"],
+    "levels_last3": ["--model.feature_levels", "[-3, -2, -1]"],
+    "noise_mode": ["--model.feature_mode", "noise"],
+    "single_view": ["--model.use_mvam", "false", "--model.use_frm", "false"],
+    "global_bank": ["--model.bank_mode", "global"],
+    "positional_bank": ["--model.bank_mode", "positional"],
+    "no_norm": ["--model.feature_norm", "none"],
+    "instance_norm": ["--model.feature_norm", "instance"],
+}
+SHOWN = ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def run_variant(
+    name: str, base: list[str], data: Path, categories: list[str], runs: Path
+) -> list[dict]:
+    """Fit and test one variant on every category; returns the metrics rows."""
+    root = runs / name
+    for category in categories:
+        args = [
+            *base,
+            "--data.root", str(data),
+            "--data.category", category,
+            "--trainer.default_root_dir", str(root),
+            *VARIANTS[name],
+        ]  # fmt: skip
+        start = time.perf_counter()
+        # The fit prints its own table; keep the benchmark's output to one line per run.
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = fit_main(args)
+        if code != 0:
+            raise SystemExit(f"{name}/{category}: vsad-fit exited with {code}")
+        print(f"{name:>16} {category:>8}: {time.perf_counter() - start:6.1f} s", flush=True)
+    rows = {row["category"]: row for row in collect_metrics(root)}  # newest wins (sorted)
+    return [rows[c] for c in categories]
+
+
+def markdown(results: dict[str, list[dict]], categories: list[str], header: str) -> str:
+    lines = [header, ""]
+    lines.append("| variant | " + " | ".join(f"{k} (mean)" for k in SHOWN) + " |")
+    lines.append("|---|" + "---|" * len(SHOWN))
+    for name, rows in results.items():
+        means = [np.mean([r[k] for r in rows]) for k in SHOWN]
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    lines += ["", "Per category (sample / view / pixel AUROC / AUPRO):", ""]
+    lines.append("| variant | " + " | ".join(categories) + " |")
+    lines.append("|---|" + "---|" * len(categories))
+    for name, rows in results.items():
+        cells = [" / ".join(f"{r[k]:.3f}" for k in SHOWN) for r in rows]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict[str, list[dict]], path: Path) -> None:
+    """Grouped bars of the mean metrics per variant, drawn with OpenCV (already a dependency)."""
+    colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214)]  # BGR
+    names = list(results)
+    group, bar, left, top, height = 18 + 14 * len(SHOWN), 14, 70, 40, 300
+    width = left + group * len(names) + 20
+    image = np.full((top + height + 130, width, 3), 255, np.uint8)
+    for tick in np.linspace(0, 1, 6):
+        y = int(top + height * (1 - tick))
+        cv2.line(image, (left - 5, y), (width - 10, y), (220, 220, 220), 1)
+        cv2.putText(image, f"{tick:.1f}", (20, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1)
+    for i, name in enumerate(names):
+        x0 = left + i * group + 9
+        for j, key in enumerate(SHOWN):
+            value = float(np.mean([r[key] for r in results[name]]))
+            y = int(top + height * (1 - value))
+            x = x0 + j * bar
+            cv2.rectangle(image, (x, y), (x + bar - 2, top + height), colours[j], -1)
+        label_origin = (x0, top + height + 12)
+        # Variant names are written downwards so long names fit under narrow groups.
+        text = np.full((16, 120, 3), 255, np.uint8)
+        cv2.putText(text, name, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+        text = cv2.rotate(text, cv2.ROTATE_90_CLOCKWISE)
+        h, w = text.shape[:2]
+        image[label_origin[1] : label_origin[1] + h, label_origin[0] : label_origin[0] + w] = text
+    for j, key in enumerate(SHOWN):
+        x = left + j * 150
+        cv2.rectangle(image, (x, 10), (x + 12, 22), colours[j], -1)
+        cv2.putText(image, key, (x + 16, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1)
+    cv2.imwrite(str(path), image)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--out", default="benchmarks/results", type=Path)
+    parser.add_argument("--work", default="runs/accuracy", type=Path, help="Data and runs.")
+    parser.add_argument("--categories", default="brick,gravel,coffee")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--quick", action="store_true", help="64 px images and 1 epoch: a smoke-scale table."
+    )
+    args, extra = parser.parse_known_args(argv)
+
+    size = 64 if args.quick else 128
+    data = args.work / f"data_{size}"
+    categories = args.categories.split(",")
+    if not (data / "realiad_jsons").is_dir():
+        write_synthetic_dataset(data, categories, args.seed, image_size=size, progress=print)
+    base = ["--config", args.config, "--data.resolution", str(size), "--data.image_size", str(size)]
+    base += ["--seed_everything", str(args.seed), "--pictures.num_samples", "0"]
+    if args.quick:
+        base += ["--trainer.max_epochs", "1", "--model.sigma", "2.0"]
+    base += extra
+
+    start = time.perf_counter()
+    results = {
+        name: run_variant(name, base, data, categories, args.work / f"runs_{size}")
+        for name in args.variants
+    }
+    minutes = (time.perf_counter() - start) / 60
+    header = (
+        f"# Accuracy ablations\n\n`python benchmarks/accuracy.py {' '.join(argv or [])}`".strip()
+        + f" on {platform.processor() or platform.machine()} ({platform.node()}), "
+        f"{size} px, config `{args.config}` + `{' '.join(extra)}`, categories {categories}, "
+        f"data seed {args.seed}; {minutes:.1f} min in all."
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy.md").write_text(markdown(results, categories, header))
+    bar_chart(results, args.out / "accuracy.png")
+    (args.out / "accuracy.json").write_text(json.dumps({"header": header, "results": results}))
+    print(markdown(results, categories, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
