@@ -40,14 +40,17 @@ def unsafe_pickle_message(error: pickle.UnpicklingError, argv: Sequence[str]) ->
     torch's own message spans many lines and suggests ``weights_only=False``, which is exactly
     what must not be done with a file of unknown origin; keep its first line (what was found).
     """
-    detail = next((ln.strip() for ln in str(error).splitlines() if "Unsupported" in ln), "")
-    detail = detail or one_line(str(error))[:300]
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    # torch names the refused class or function on a line with "unsupported" and "GLOBAL"
+    # (the wording varies between versions); the rest advises weights_only=False.
+    detail = next((ln for ln in lines if "unsupported" in ln.lower() and "GLOBAL" in ln), "")
+    detail = detail or "torch.load(weights_only=True) refused it"
     path = _option_value(argv, "--ckpt_path")
     what = f"checkpoint {path}" if path else "a checkpoint"
     return (
         f"refusing to load {what}: it holds Python objects other than tensors and plain "
-        f"containers, so it was not written by vsad-fit and would run code when unpickled "
-        f"({detail}); use a checkpoint written by vsad-fit"
+        f"containers, so it was not written by vsad-fit, and loading it fully could run code "
+        f"from the file ({detail}); use a checkpoint written by vsad-fit"
     )
 
 
