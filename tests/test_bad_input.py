@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vsad_lightning.cli._common import one_line
+from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.data.images import probe_image, write_jpeg, write_mask_png, write_png
 from vsad_lightning.data.realiad import RealIADDataset
@@ -370,3 +372,28 @@ def test_one_line_joins_a_wrapped_library_message():
     assert one_line("could not load X:\n  Error no file named\n\n config.json ") == (
         "could not load X: Error no file named config.json"
     )
+
+
+def test_only_unreliable_pairs_between_neighbours_are_reported(
+    synthetic_root_cached, synthetic_spec, copy_dataset, tmp_path, recwarn
+):
+    root = copy_dataset(synthetic_root_cached, tmp_path / "data")
+    path = cache_path_for(root, CATEGORY, 64)
+    document = json.loads(path.read_text())
+    for pair in ("C2->C4", "C4->C2", "C1->C5"):  # C2, C4: opposite side views, no neighbours
+        document["pairs"][pair]["status"] = "unreliable"
+    path.write_text(json.dumps(document))
+    dm = MultiViewDataModule(str(root), CATEGORY, resolution=64, image_size=32)
+    dm.setup("fit")
+    assert dm.unreliable_neighbour_pairs() == ["C1->C5"]
+    report = dm.homography_report()
+    assert report["unreliable_pairs"] == ["C1->C5"] and report["views"] == synthetic_spec.views
+    assert report["pairs"]["C2->C4"]["status"] == "unreliable"  # the evidence stays complete
+    warned = [str(w.message) for w in recwarn if "unreliable neighbour pairs" in str(w.message)]
+    assert len(warned) == 1 and "1 unreliable neighbour pairs" in warned[0]
+    # Identity fallback (DESIGN.md): the batch carries no geometry for that pair.
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch.homographies[0, 0, 4], torch.eye(3))
+    assert not torch.equal(batch.homographies[0, 0, 1], torch.eye(3))
+    dm.setup("test")  # set up again: no second warning
+    assert len([w for w in recwarn if "unreliable neighbour pairs" in str(w.message)]) == 1
