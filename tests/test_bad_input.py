@@ -397,3 +397,11 @@ def test_only_unreliable_pairs_between_neighbours_are_reported(
     assert not torch.equal(batch.homographies[0, 0, 1], torch.eye(3))
     dm.setup("test")  # set up again: no second warning
     assert len([w for w in recwarn if "unreliable neighbour pairs" in str(w.message)]) == 1
+    # Four views: C5 is gone, and the ring of side views C2, C3, C4 closes: C2, C4 neighbour.
+    subset = MultiViewDataModule(
+        str(root), CATEGORY, resolution=64, image_size=32, views=["C1", "C2", "C3", "C4"]
+    )
+    subset.setup("test")
+    assert subset.unreliable_neighbour_pairs() == ["C2->C4", "C4->C2"]
+    assert subset.homography_report()["views"] == ["C1", "C2", "C3", "C4"]
+    assert subset.homography_report()["cache_views"] == synthetic_spec.views

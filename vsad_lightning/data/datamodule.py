@@ -242,13 +242,17 @@ class MultiViewDataModule(L.LightningDataModule):
         evidence. ``None`` before ``setup``."""
         if self.homographies is None or self.view_names is None:
             return None
+        cache = self.homographies.to_json()
         return {
             "cache": str(self.cache_path),
+            "category": cache["category"],
+            "image_size": cache["image_size"],
+            "cache_views": cache["views"],
             "views": list(self.view_names),
             "neighbour_graph": self.neighbour_graph,
             "fallback": "identity",
             "unreliable_pairs": self.unreliable_neighbour_pairs(),
-            **self.homographies.to_json(),
+            "pairs": cache["pairs"],
         }
 
     def _warn_unreliable_pairs(self) -> None:
