@@ -15,12 +15,24 @@ once per test session:
   samples_test, anomalous_test, seed, views), so tests assert counts without repeating numbers.
 - ``copy_dataset``: a function ``copy_dataset(src, dst) -> dst`` for tests that modify data.
 
+Console scripts:
+
+- ``console_script``: ``console_script(name, *args, env=None, timeout=600)`` runs an installed
+  console script (``vsad-fit``, ...) as a subprocess and returns the ``CompletedProcess``
+  without judging its exit code (tests of failures need it).
+- ``tiny_fit_args``: ``--config configs/demo.yaml`` shrunk to the 64 px ``synthetic_root``
+  and one short epoch; add ``--data.root``, ``--data.category`` and
+  ``--trainer.default_root_dir``.
+
 (Test modules cannot import this file reliably under plain ``pytest``; use the fixtures.)
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +57,40 @@ def _copy_dataset(src: Path, dst: Path) -> Path:
     """Copy a dataset root (small synthetic ones only) and return the copy."""
     shutil.copytree(src, dst)
     return dst
+
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _console_script(
+    name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run the installed console script ``name``; the caller judges the result."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    full_env.pop("VSAD_DEBUG", None)  # a developer's shell setting must not change the tests
+    full_env.update(env or {})
+    return subprocess.run(
+        [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+@pytest.fixture(scope="session")
+def console_script():
+    """``console_script(name, *args, env=None, timeout=600) -> CompletedProcess``."""
+    return _console_script
+
+
+@pytest.fixture(scope="session")
+def tiny_fit_args() -> list[str]:
+    """The demo config at 64 px, one epoch, cheap inversion (see the module docstring)."""
+    size = str(SYNTHETIC.image_size)
+    return [
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        "--data.image_size", size, "--data.resolution", size,
+        "--data.batch_size", "4", "--trainer.max_epochs", "1",
+        "--model.inversion_steps", "2", "--pictures.num_samples", "1",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

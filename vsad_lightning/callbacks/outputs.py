@@ -12,6 +12,7 @@ from torch import Tensor
 
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.metrics.export import write_metrics
+from vsad_lightning.utils.io import atomic_write_json
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -22,15 +23,33 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+HOMOGRAPHY_REPORT = "homographies.json"
+"""The run folder's record of the homographies the run used (``homography_report()``)."""
+
+
 class MetricsFileCallback(L.Callback):
-    """Write ``metrics.json`` and ``metrics.csv`` into the run folder when testing ends.
+    """Write ``metrics.json`` and ``metrics.csv`` into the run folder when testing ends, and
+    ``homographies.json`` when a fit or test starts.
 
     The numbers are the module's ``test_results`` (already reduced over DDP ranks by the
     metric); rank 0 writes. ``metrics_path`` holds the written JSON path afterwards.
+    ``homographies.json`` is the datamodule's ``homography_report()``: the cache used and its
+    ``unreliable_pairs`` (identity fallback, DESIGN.md, Homographies), so that a number in
+    ``metrics.json`` can be traced to the geometry behind it. It is written at the start, so a
+    run that stops early still has it.
     """
 
     def __init__(self) -> None:
         self.metrics_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage not in ("fit", "test"):
+            return
+        report_of = getattr(trainer.datamodule, "homography_report", None)
+        report = report_of() if callable(report_of) else None
+        folder = run_dir(trainer)
+        if trainer.is_global_zero and report is not None:
+            atomic_write_json(folder / HOMOGRAPHY_REPORT, report)
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
         folder = run_dir(trainer)

@@ -9,6 +9,17 @@
 - ``train_feature_dataloader()``: every training normal (validation part included), in a
   fixed order, unshuffled: the memory bank's input.
 
+Bad input stops a run before training, never in the middle of it: ``setup`` indexes the
+splits (JSON, file names, views, masks listed) and, per ``check_files``, reads every image and
+mask header (corrupt or truncated files, view and mask sizes). ``setup("fit")`` also indexes
+and checks the test split: ``vsad-fit`` tests right after training, and a bad test file found
+then would cost the whole run. Every process checks its own files (a header check of Real-IAD's
+150,000 images reads a few hundred bytes each); ``check_files="none"`` skips it.
+
+Unreliable homography pairs of the cache (too few inliers, DESIGN.md, Homographies) do not stop
+a run: they fall back to the identity (``HomographyCache.matrices``), ``setup`` warns about the
+ones between neighbouring views, and ``homography_report()`` describes them for the run folder.
+
 Every sample is resized to ``image_size`` and normalised to [-1, 1]; masks stay exactly 0/1;
 homographies come from the category's cache rescaled to ``image_size`` (DESIGN.md, Notation).
 ``prepare_data`` (one process per node under DDP) builds the cache when it is missing with
@@ -25,10 +36,11 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsad_lightning.data.batch import collate_multiview
-from vsad_lightning.data.dataset import NORMAL_CLASS, MultiViewDataset
+from vsad_lightning.data.dataset import FILE_CHECKS, NORMAL_CLASS, MultiViewDataset
 from vsad_lightning.data.folder import MultiViewFolderDataset
 from vsad_lightning.data.homographies import default_cache_for, ensure_homography_cache
 from vsad_lightning.data.manta import MantaDataset
@@ -60,6 +72,10 @@ class MultiViewDataModule(L.LightningDataModule):
         homography_samples: ``K`` normal samples pooled when the cache has to be estimated.
         seed: seeds the validation split and the training shuffle's generator.
         predict_root: the folder ``vsad-predict`` scores.
+        check_files: how much of every image and mask ``setup`` reads before training:
+            ``"header"`` (sizes, truncation, unreadable files; the default), ``"decode"``
+            (every pixel, as training will: slower, also catches files whose header is fine
+            but whose data is not) or ``"none"``.
     """
 
     def __init__(
@@ -79,6 +95,7 @@ class MultiViewDataModule(L.LightningDataModule):
         homography_samples: int = 8,
         seed: int = 0,
         predict_root: str | None = None,
+        check_files: Literal["header", "decode", "none"] = "header",
     ) -> None:
         super().__init__()
         if dataset not in ("realiad", "manta", "folder"):
@@ -93,6 +110,8 @@ class MultiViewDataModule(L.LightningDataModule):
             raise DataError(f"data.image_size must be at least 8, got {image_size}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise DataError("data.batch_size and data.eval_batch_size must be >= 1")
+        if check_files not in FILE_CHECKS:
+            raise DataError(f"data.check_files must be one of {FILE_CHECKS}, got {check_files!r}")
         self.save_hyperparameters()
         self.root = root
         self.category = category
@@ -109,6 +128,8 @@ class MultiViewDataModule(L.LightningDataModule):
         self.homography_samples = homography_samples
         self.seed = seed
         self.predict_root = predict_root
+        self.check_files = check_files
+        self._warned_unreliable = False
 
         self.homographies: HomographyCache | None = None
         self.view_names: list[str] | None = None
@@ -126,7 +147,14 @@ class MultiViewDataModule(L.LightningDataModule):
         return default_cache_for(self.dataset, self.root, self.category, self.resolution)
 
     def prepare_data(self) -> None:
-        """Estimate and write the homography cache if it is missing (once per node)."""
+        """Estimate and write the homography cache if it is missing (once per node), then,
+        under a Trainer, set up and check the files of the Trainer's stage.
+
+        Why here and not only in ``setup``: Lightning opens the logger (creating the run's
+        ``version_N`` folder) between ``prepare_data`` and ``setup``, and bad input must leave
+        no run folder behind. ``setup`` repeats the check in the processes that skip
+        ``prepare_data`` (DDP ranks other than each node's first); in this one it is a no-op.
+        """
         ensure_homography_cache(
             self.root,
             self.category,
@@ -135,6 +163,9 @@ class MultiViewDataModule(L.LightningDataModule):
             dataset=self.dataset,
             path=self.cache_path,
         )  # all views: any subset (data.views) can use the same cache later
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn is not None:
+            self.setup(str(trainer.state.fn.value))
 
     def _load_homographies(self) -> HomographyCache:
         if self.homographies is None:
@@ -175,14 +206,66 @@ class MultiViewDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_normals is None:
             self._setup_train()
-        if stage in ("test", None) and self.test_set is None:
+            self.train_normals.check_files(self.check_files, "training")
+        # fit: the test split too, before training (see the module docstring).
+        if stage in ("fit", "test", None) and self.test_set is None:
             self.test_set = self._make_dataset("test")
             self._check_views(self.test_set, "test")
+            self.test_set.check_files(self.check_files, "test")
         if stage == "predict" and self.predict_set is None:
             if not self.predict_root:
                 raise DataError("vsad-predict needs data.predict_root (a folder of samples)")
             self.predict_set = self._make_dataset(None, self.predict_root)
             self._check_views(self.predict_set, "predict")
+            self.predict_set.check_files(self.check_files, "predict")
+        self._warn_unreliable_pairs()
+
+    # ------------------------------------------------------------- homography reliability
+
+    def unreliable_neighbour_pairs(self) -> list[str]:
+        """The cache's unreliable pairs that this run uses: both views selected and
+        neighbours in ``neighbour_graph`` (the pairs MVAM and FRM look across)."""
+        if self.homographies is None or self.view_names is None:
+            return []
+        mask = neighbour_mask(self.neighbour_graph, len(self.view_names))
+        bad = set(self.homographies.unreliable_pairs())
+        return [
+            HomographyCache.pair_key(src, dst)
+            for i, src in enumerate(self.view_names)
+            for j, dst in enumerate(self.view_names)
+            if i != j and bool(mask[i, j]) and HomographyCache.pair_key(src, dst) in bad
+        ]
+
+    def homography_report(self) -> dict | None:
+        """What the run folder's ``homographies.json`` holds: the cache file, the views and
+        graph used, the unreliable pairs among them (identity fallback) and every pair's
+        evidence. ``None`` before ``setup``."""
+        if self.homographies is None or self.view_names is None:
+            return None
+        cache = self.homographies.to_json()
+        return {
+            "cache": str(self.cache_path),
+            "category": cache["category"],
+            "image_size": cache["image_size"],
+            "cache_views": cache["views"],
+            "views": list(self.view_names),
+            "neighbour_graph": self.neighbour_graph,
+            "fallback": "identity",
+            "unreliable_pairs": self.unreliable_neighbour_pairs(),
+            "pairs": cache["pairs"],
+        }
+
+    def _warn_unreliable_pairs(self) -> None:
+        pairs = self.unreliable_neighbour_pairs()
+        if pairs and not self._warned_unreliable:
+            self._warned_unreliable = True
+            rank_zero_warn(
+                f"homography cache {self.cache_path}: {len(pairs)} unreliable neighbour pairs "
+                f"fall back to the identity: {', '.join(pairs)} (too few inliers or "
+                "inconsistent; rebuild with more `vsad-homography --samples` if the views "
+                "overlap); the run folder's homographies.json lists them",
+                category=UserWarning,
+            )
 
     def _setup_train(self) -> None:
         train = self._make_dataset("train")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vsad_lightning.data.batch import MultiViewSample
-from vsad_lightning.data.images import read_image_rgb, read_mask
+from vsad_lightning.data.images import probe_image, read_image_rgb, read_mask
 from vsad_lightning.data.transforms import as_size, homographies_for, views_to_tensors
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache, default_cache_path
@@ -139,6 +139,68 @@ def _wh(array: np.ndarray) -> str:
     return f"{array.shape[1]}x{array.shape[0]} px"
 
 
+FILE_CHECKS = ("header", "decode", "none")
+"""How much of every file ``check_sample_files`` reads (config option ``data.check_files``)."""
+
+MAX_LISTED_PROBLEMS = 5
+"""Bad samples named in the one-line error of ``MultiViewDataset.check_files``."""
+
+
+def check_sample_files(record: SampleRecord, mode: str = "header") -> tuple[int, int]:
+    """Check one sample's files before any training and return its views' ``(W, H)``.
+
+    ``header`` reads the image headers (``images.probe_image``: missing, empty, truncated or
+    unidentifiable files, view sizes, mask sizes) -- the same size rules as
+    ``read_sample_views``, with the same messages, at a few hundred bytes per file.
+    ``decode`` runs ``read_sample_views`` itself: every pixel is decoded, as training will.
+    """
+    if mode == "decode":
+        images, _ = read_sample_views(record)
+        return images[0].shape[1], images[0].shape[0]
+    if mode != "header":
+        raise ValueError(f"check mode must be one of {FILE_CHECKS[:2]}, got {mode!r}")
+    sizes: dict[Path, tuple[int, int]] = {}  # a MANTA strip is probed once for all its views
+
+    def probe(path: Path, what: str) -> tuple[int, int]:
+        if path not in sizes:
+            sizes[path] = probe_image(path, what)
+        return sizes[path]
+
+    first: tuple[ViewFile, tuple[int, int]] | None = None
+    for vf in record.views:
+        what = f"image of sample {record.sample_id!r} view {vf.view}"
+        file_size = probe(vf.image_path, what)
+        size = file_size
+        if vf.crop is not None:
+            count = vf.crop[1]
+            if file_size[0] % count != 0:
+                raise DataError(
+                    f"{what}: {vf.image_path} is {file_size[0]} px wide, not divisible into "
+                    f"{count} equal views"
+                )
+            size = (file_size[0] // count, file_size[1])
+        if vf.mask_path is not None:
+            what = f"mask of sample {record.sample_id!r} view {vf.view}"
+            mask_size = probe(vf.mask_path, what)
+            if mask_size != file_size:  # a MANTA mask strip matches its image strip
+                raise DataError(
+                    f"mask {vf.mask_path} of sample {record.sample_id!r} view {vf.view} is "
+                    f"{mask_size[0]}x{mask_size[1]} px, but its image {vf.image_path} is "
+                    f"{file_size[0]}x{file_size[1]} px"
+                )
+        if first is None:
+            first = (vf, size)
+        elif size != first[1]:
+            (w0, h0) = first[1]
+            raise DataError(
+                f"image {vf.image_path} of sample {record.sample_id!r} view {vf.view} is "
+                f"{size[0]}x{size[1]} px, but view {first[0].view} ({first[0].image_path}) is "
+                f"{w0}x{h0} px; all views of a sample must have the same size"
+            )
+    assert first is not None  # a record always has at least one view
+    return first[1]
+
+
 def _read_cropped(path: Path, crop, memo: dict, reader, what: str) -> np.ndarray:
     if crop is None:
         return reader(path, what)
@@ -209,6 +271,47 @@ class MultiViewDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def check_files(self, mode: str = "header", what: str = "") -> None:
+        """Check every sample's files now, so that bad input stops a run before training.
+
+        Every record is checked (``check_sample_files``; ``mode`` ``"none"`` skips it), and
+        every distinct view size against the homography cache's aspect ratio. All problems
+        are collected and raised as one ``DataError``: the first in full, then the count and
+        the other bad samples' ids, so one pass over 150,000 files lists them all.
+
+        Args:
+            mode: ``"header"``, ``"decode"`` or ``"none"`` (config option ``data.check_files``).
+            what: names the split in the message, e.g. ``"training"``.
+        """
+        if mode not in FILE_CHECKS:
+            raise DataError(f"data.check_files must be one of {FILE_CHECKS}, got {mode!r}")
+        if mode == "none":
+            return
+        problems: list[tuple[str, DataError]] = []
+        sizes: dict[tuple[int, int], str] = {}
+        for record in self.records:
+            try:
+                sizes.setdefault(check_sample_files(record, mode), record.sample_id)
+            except DataError as e:
+                problems.append((record.sample_id, e))
+        for size, sample in sizes.items():
+            try:  # the aspect-ratio rule of __getitem__, once per distinct size
+                homographies_for(self.homographies, self.view_names, size, size, sample)
+            except DataError as e:
+                problems.append((sample, e))
+        if not problems:
+            return
+        message = str(problems[0][1])
+        if len(problems) > 1:
+            others = [sample for sample, _ in problems[1 : 1 + MAX_LISTED_PROBLEMS]]
+            more = " ..." if len(problems) > 1 + MAX_LISTED_PROBLEMS else ""
+            split = f" of the {what} split" if what else ""
+            message += (
+                f" (and {len(problems) - 1} more bad samples{split} of category "
+                f"{self.category!r}: {others}{more})"
+            )
+        raise DataError(message)
 
     @property
     def labels(self) -> list[int]:

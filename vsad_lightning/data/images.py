@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from vsad_lightning.errors import DataError
 
@@ -19,6 +20,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND"
+_TAIL_BYTES = 16
 
 
 def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
@@ -43,6 +47,41 @@ def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
     if array is None or array.size == 0:
         raise DataError(f"{what} {path} cannot be decoded by OpenCV (corrupt or not an image)")
     return array
+
+
+def probe_image(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """``(W, H)`` of an image file read from its header, without decoding the pixels.
+
+    The eager file check (``data.check_files: header``) calls this for every image and mask
+    before training, so it must cost a few hundred bytes per file, not a decode. It applies
+    the checks of ``_decode`` that need no decoding: the file exists and is not empty, a JPEG
+    ends with its end-of-image marker, a PNG with its ``IEND`` chunk. Pillow reads the header;
+    when Pillow cannot identify a file OpenCV may still decode, the file is decoded once, so
+    this never rejects a file that training would read.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(len(_PNG_START))
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except FileNotFoundError as e:
+        raise DataError(f"{what} {path} does not exist") from e
+    except OSError as e:
+        raise DataError(f"{what} {path} cannot be read ({e.strerror})") from e
+    if size == 0:
+        raise DataError(f"{what} {path} is empty (0 bytes)")
+    if head.startswith(_JPEG_START) and _JPEG_END not in tail:
+        raise DataError(f"{what} {path} is a truncated JPEG (no end-of-image marker)")
+    if head.startswith(_PNG_START) and _PNG_END not in tail:
+        raise DataError(f"{what} {path} is a truncated PNG (no IEND chunk)")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        array = _decode(path, what)  # a DataError when OpenCV cannot read it either
+        return array.shape[1], array.shape[0]
 
 
 def _to_uint8(array: np.ndarray, path: Path, what: str) -> np.ndarray:
