@@ -26,7 +26,7 @@ from vsad_lightning.cli.run import RunCheckpoint, _checkpoint_info, fit_main
 from vsad_lightning.data.datamodule import MultiViewDataModule, ResumableShuffleSampler
 from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.geometry.cache import HomographyCache
-from vsad_lightning.metrics.export import write_metrics
+from vsad_lightning.metrics.export import REQUIRED_KEYS, write_metrics
 from vsad_lightning.system.module import NonFiniteLossError, VSADModule
 
 BIN = Path(sys.executable).parent
@@ -267,12 +267,13 @@ def test_interrupted_cache_write_leaves_the_previous_cache(
 
 
 def test_interrupted_metrics_write_leaves_the_previous_files(tmp_path, monkeypatch):
-    write_metrics(tmp_path, {"pixel_auroc": 0.5}, "brick")
+    results = {key: 0.5 for key in REQUIRED_KEYS}
+    write_metrics(tmp_path, results, "brick")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(before) == {"metrics.json", "metrics.csv"}
     _fail_at_fsync(monkeypatch)
     with pytest.raises(OSError, match="simulated crash"):
-        write_metrics(tmp_path, {"pixel_auroc": 0.9}, "brick")
+        write_metrics(tmp_path, {**results, "pixel_auroc": 0.9}, "brick")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
