@@ -169,7 +169,20 @@ class SlurmCluster:
         raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
 
     def stop(self) -> None:
-        """SIGTERM each daemon this object started (reverse order), SIGKILL if it lingers."""
+        """Cancel this cluster's jobs, then SIGTERM each daemon this object started (reverse
+        order), SIGKILL if it lingers.
+
+        Jobs go first: a job step's ``slurmstepd`` outlives a stopped ``slurmd`` (a failed
+        test must not leave training processes behind).
+        """
+        if all(self.processes.get(d) and self.processes[d].poll() is None for d in DAEMONS):
+            jobs = self.run("squeue", "-h", "-o", "%A", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", *jobs, check=False)
+            # Until slurmd reports no process of any job step on this node.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self._job_pids():
+                time.sleep(1)
         for name in reversed(list(self.processes)):
             proc = self.processes.pop(name)
             if proc.poll() is None:
@@ -179,6 +192,11 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+    def _job_pids(self) -> list[str]:
+        proc = self.run("scontrol", "listpids", check=False)
+        rows = proc.stdout.strip().splitlines()[1:]  # header: PID JOBID STEPID ...
+        return [r.split()[0] for r in rows if r.split()]
 
     def logs(self) -> str:
         parts = []
