@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from vsad_lightning.data.batch import MultiViewBatch
-from vsad_lightning.data.datamodule import MultiViewDataModule
+from vsad_lightning.data.datamodule import MultiViewDataModule, ResumableShuffleSampler
 from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.data.synthetic import TRUTH_DIR
 from vsad_lightning.errors import DataError
@@ -62,7 +62,8 @@ def test_fit_and_test_batches(synthetic_root_cached, synthetic_spec):
     dm.prepare_data()  # the cache exists: loads it, estimates nothing
     dm.setup("fit")
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RandomSampler)  # Lightning swaps it under DDP
+    # A DistributedSampler, so Lightning keeps it under DDP (tests/test_faults.py covers it).
+    assert isinstance(loader.sampler, ResumableShuffleSampler)
     batch = next(iter(loader))
     check_batch(batch, 40, synthetic_spec.views, truth(root))
     assert batch.batch_size == 3 and batch.sample_labels.sum() == 0

@@ -8,14 +8,26 @@ Run folder: ``<trainer.default_root_dir>/<dataset>/<category>/version_N/`` holdi
 ``checkpoints/`` (``last.ckpt`` while training, ``final.ckpt`` with the memory bank),
 TensorBoard event files, ``config.yaml``, ``metrics.json``, ``metrics.csv`` and ``images/``.
 The logger is set by these commands so that the folder always has this shape.
+
+Resume (``vsad-fit --resume auto``, the default): running the same command again after a
+crash, ``kill -9`` or a SLURM preemption continues the interrupted run instead of starting
+over. If the newest ``version_N`` is unfinished (no ``metrics.json``, no ``final.ckpt``) and a
+checkpoint of it exists, the run reuses ``version_N`` and fits from the checkpoint with the
+highest ``global_step`` among ``version_N/checkpoints/*.ckpt`` and Lightning's SLURM
+``<default_root_dir>/hpc_ckpt_*.ckpt`` that belong to it (their ``ModelCheckpoint`` state
+names ``version_N/checkpoints``). Otherwise a new ``version_N+1`` starts. An explicit
+``--ckpt_path`` always wins (and starts a new version); ``--resume never`` forces a fresh run.
+``last.ckpt`` is refreshed every ``--checkpoint_every_n_steps`` optimiser steps and at each
+epoch end, so a crash costs at most that many steps.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -23,6 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, MetricsFileCallback
 from vsad_lightning.callbacks.predictions import PredictionWriter
+from vsad_lightning.callbacks.preemption import RequeueAtBatchEnd
 from vsad_lightning.cli._common import report_data_errors
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.errors import DataError
@@ -32,12 +45,95 @@ from vsad_lightning.system.module import VSADModule
 RUN_VERSION_ENV = "VSAD_RUN_VERSION"
 """Set by rank 0 before DDP starts its worker processes, so every rank names the same run."""
 
+FINAL_MARKERS = ("metrics.json", "checkpoints/final.ckpt")
+"""A version folder holding either of these finished training; it is never resumed."""
+
+HPC_PATTERN = "hpc_ckpt_*.ckpt"
+"""Lightning's SLURM preemption checkpoints, written into ``trainer.default_root_dir``."""
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint(save_last=True)`` (top-1 checkpoint and ``last.ckpt`` at each epoch
+    end) that also refreshes ``last.ckpt`` every ``every_n_steps`` optimiser steps.
+
+    Lightning's own ``every_n_train_steps`` excludes the epoch trigger; long epochs need the
+    step trigger (a crash then costs minutes), short runs need the epoch one.
+    """
+
+    def __init__(self, every_n_steps: int = 50, **kwargs: Any) -> None:
+        super().__init__(save_last=True, **kwargs)
+        if every_n_steps < 0:
+            raise ValueError(f"checkpoint_every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if (
+            self.every_n_steps
+            and step % self.every_n_steps == 0
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _checkpoint_info(path: Path) -> tuple[int, str | None]:
+    """``(global_step, ModelCheckpoint dirpath)`` of a checkpoint, reading tensors lazily."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    dirpath = next(
+        (
+            state.get("dirpath")
+            for key, state in ckpt.get("callbacks", {}).items()
+            if "Checkpoint" in key and isinstance(state, dict)
+        ),
+        None,
+    )
+    return int(ckpt.get("global_step", -1)), dirpath
+
+
+def _same_path(a: str | os.PathLike | None, b: str | os.PathLike) -> bool:
+    return a is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def find_resume_checkpoint(root: str | os.PathLike, name: str) -> tuple[int, Path] | None:
+    """``(version, checkpoint)`` to resume ``<root>/<name>/version_N`` from, or ``None``.
+
+    See the module docstring for the rule. A checkpoint that cannot be read (a write cut by
+    ``kill -9`` is the usual cause; Lightning writes checkpoints in place) is skipped.
+    """
+    runs = Path(root) / name
+    versions = sorted(
+        (int(d.name.split("_", 1)[1]), d)
+        for d in (runs.glob("version_*") if runs.is_dir() else [])
+        if d.is_dir() and d.name.split("_", 1)[1].isdigit()
+    )
+    if not versions:
+        return None
+    version, folder = versions[-1]
+    if any((folder / marker).exists() for marker in FINAL_MARKERS):
+        return None
+    own = sorted((folder / "checkpoints").glob("*.ckpt"))
+    hpc = sorted(Path(root).glob(HPC_PATTERN))
+    best: tuple[int, Path] | None = None
+    for path in [*own, *hpc]:
+        try:
+            step, dirpath = _checkpoint_info(path)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is simply not a candidate
+            continue
+        if path in hpc and not _same_path(dirpath, folder / "checkpoints"):
+            continue  # another run's preemption checkpoint
+        # Strictly greater: on a tie the version folder's own checkpoint (listed first) wins.
+        if best is None or step > best[0]:
+            best = (step, path)
+    return None if best is None else (version, best[1])
+
 
 class VSADCLI(LightningCLI):
     """LightningCLI with the callbacks every VSAD run needs and the run-folder logger."""
 
     def __init__(self, command: str, args: list[str] | None = None) -> None:
         self.command = command
+        self.resume_from: Path | None = None
         super().__init__(
             VSADModule,
             MultiViewDataModule,
@@ -50,9 +146,9 @@ class VSADCLI(LightningCLI):
                 "default_root_dir": "runs",
                 "log_every_n_steps": 10,
                 "callbacks": [
-                    ModelCheckpoint(save_last=True),
                     LearningRateMonitor(logging_interval="step"),
                     MetricsFileCallback(),
+                    RequeueAtBatchEnd(),
                 ],
             },
         )
@@ -66,7 +162,22 @@ class VSADCLI(LightningCLI):
                 "--ckpt_path",
                 type=str | None,
                 default=None,
-                help="Resume training from this checkpoint ('last' for the newest).",
+                help="Resume training from this checkpoint ('last' for the newest); "
+                "overrides --resume.",
+            )
+            parser.add_argument(
+                "--resume",
+                type=Literal["auto", "never"],
+                default="auto",
+                help="auto: continue the newest unfinished run of this category from its newest "
+                "checkpoint (same version folder); never: always start a new version.",
+            )
+            parser.add_argument(
+                "--checkpoint_every_n_steps",
+                type=int,
+                default=50,
+                help="Also refresh checkpoints/last.ckpt every N optimiser steps (0: only at "
+                "epoch ends), so that a crash or preemption loses at most N steps.",
             )
         else:
             parser.add_argument(
@@ -79,6 +190,8 @@ class VSADCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
             kwargs["logger"] = self._run_logger(config.get("default_root_dir") or "runs")
+        every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
+        kwargs["callbacks"] = [*(config.get("callbacks") or []), RunCheckpoint(every)]
         return super().instantiate_trainer(**kwargs)
 
     def _run_logger(self, root: str) -> TensorBoardLogger:
@@ -87,6 +200,8 @@ class VSADCLI(LightningCLI):
         if self.command != "fit":
             name = f"{name}/{self.command}"
         version = os.environ.get(RUN_VERSION_ENV)
+        if self.command == "fit":
+            version = self._resume_version(root, name, version)
         logger = TensorBoardLogger(
             save_dir=root,
             name=name,
@@ -96,6 +211,29 @@ class VSADCLI(LightningCLI):
         # DDP's worker processes re-run this command; they must write the same version.
         os.environ[RUN_VERSION_ENV] = str(logger.version)
         return logger
+
+    def _resume_version(self, root: str, name: str, version: str | None) -> str | None:
+        """Decide ``resume_from``; return the version to reuse (or ``version`` unchanged)."""
+        if self._get(self.config_init, "ckpt_path") is not None:
+            return version  # an explicit checkpoint wins
+        if self._get(self.config_init, "resume", default="auto") == "never":
+            stale = sorted(Path(root).glob(HPC_PATTERN))
+            if stale and os.environ.get("SLURM_JOB_ID"):
+                # Lightning itself resumes from these under SLURM whenever ckpt_path is None.
+                raise DataError(
+                    f"--resume never, but {root} holds SLURM preemption checkpoints "
+                    f"({', '.join(p.name for p in stale)}) that Lightning would resume from; "
+                    "delete them to start afresh"
+                )
+            return version
+        found = find_resume_checkpoint(root, name)
+        if found is None:
+            return version
+        found_version, self.resume_from = found
+        if version is not None and int(version) != found_version:
+            self.resume_from = None  # a DDP worker of a run rank 0 did not resume
+            return version
+        return str(found_version)
 
 
 def _ensure_writable(root: str | os.PathLike) -> None:
@@ -108,6 +246,26 @@ def _ensure_writable(root: str | os.PathLike) -> None:
         probe.unlink()
     except OSError as e:
         raise DataError(f"run folder {root} is not writable ({e.strerror})") from e
+
+
+def _drop_consumed_hpc_checkpoints(trainer) -> None:
+    """Delete this run's SLURM preemption checkpoints once its ``final.ckpt`` exists.
+
+    Lightning resumes from ``<default_root_dir>/hpc_ckpt_*.ckpt`` on its own under SLURM
+    whenever no ``ckpt_path`` is given, so a stale one would hijack the next fresh run.
+    """
+    if not trainer.is_global_zero or trainer.checkpoint_callback is None:
+        return
+    folder = Path(trainer.checkpoint_callback.dirpath or "")
+    if not (folder / "final.ckpt").is_file():
+        return
+    for path in Path(trainer.default_root_dir).glob(HPC_PATTERN):
+        try:
+            _, dirpath = _checkpoint_info(path)
+        except Exception:  # noqa: BLE001 - not ours to judge; leave it
+            continue
+        if _same_path(dirpath, folder):
+            path.unlink(missing_ok=True)
 
 
 def _print_results(cli: VSADCLI) -> None:
@@ -126,7 +284,12 @@ def fit_main(args: list[str] | None = None) -> int:
     cli = VSADCLI("fit", args)
     _ensure_writable(cli.trainer.default_root_dir)
     ckpt = cli.config.get("ckpt_path")
+    if ckpt is None and cli.resume_from is not None:
+        ckpt = str(cli.resume_from)
+        if cli.trainer.is_global_zero:
+            print(f"resuming from {ckpt}", flush=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    _drop_consumed_hpc_checkpoints(cli.trainer)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     _print_results(cli)
     return 0

@@ -23,13 +23,17 @@ ones between neighbouring views, and ``homography_report()`` describes them for 
 Every sample is resized to ``image_size`` and normalised to [-1, 1]; masks stay exactly 0/1;
 homographies come from the category's cache rescaled to ``image_size`` (DESIGN.md, Notation).
 ``prepare_data`` (one process per node under DDP) builds the cache when it is missing with
-``ensure_homography_cache``; ``setup`` (every process) only loads it. Samplers are left to
-Lightning, which inserts a ``DistributedSampler`` under DDP.
+``ensure_homography_cache``; ``setup`` (every process) only loads it.
+
+The training loader's order is a pure function of ``(seed, epoch, rank)``
+(``ResumableShuffleSampler``), so training is reproducible and a resumed run sees exactly the
+batches an uninterrupted run would have seen (see the sampler's docstring).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +41,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vsad_lightning.data.batch import collate_multiview
 from vsad_lightning.data.dataset import FILE_CHECKS, NORMAL_CLASS, MultiViewDataset
@@ -51,6 +55,50 @@ from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS, neighbour_mask
 
 TOP_VIEW = "C1"
 """The top camera of the ``top_and_ring`` graph (Real-IAD, MANTA and the synthetic rig)."""
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """The training order: a shuffle seeded by ``(seed, epoch)``, one shard per rank, and an
+    optional one-shot skip of the batches a resumed run has already trained on.
+
+    Why not ``DataLoader(shuffle=True, generator=...)``: that generator's state depends on how
+    many epochs the process has iterated, so a run resumed at epoch 3 would see epoch 0's order.
+    Here ``set_epoch`` (called by Lightning at each epoch start, as for any
+    ``DistributedSampler``) fully determines the permutation. Being a ``DistributedSampler``,
+    Lightning keeps it under DDP instead of inserting its own, so one class serves 1 and N
+    processes.
+
+    Mid-epoch resume: Lightning 2.x (``loops/training_epoch_loop.py``) restores its batch
+    counters but restarts a plain loader's iterator from the epoch's first batch, so it would
+    train on the first ``k`` batches twice and never on the last ``k``. ``skip_batches(k)``
+    drops this rank's first ``k * batch_size`` indices from the next ``__iter__`` only, and
+    only if that pass is for ``epoch``, so the remaining batches are exactly those an
+    uninterrupted run trains on. The epoch is checked when iteration starts, after Lightning's
+    ``set_epoch``, because the loader may be built before the loops are restored (a cosine
+    schedule's ``estimated_stepping_batches`` builds it from ``configure_optimizers``).
+    ``__len__`` stays the full epoch, which is what Lightning's counters (already at ``k``)
+    expect.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.set_epoch(epoch)
+        self._pending_skip: tuple[int, int] | None = None
+
+    def skip_batches(self, count: int, batch_size: int, epoch: int | None = None) -> None:
+        """Leave out this rank's first ``count`` batches on the next pass, if it is for
+        ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        self._pending_skip = (epoch, max(0, count) * batch_size)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        pending, self._pending_skip = self._pending_skip, None
+        if pending is not None and pending[0] == self.epoch:
+            indices = indices[pending[1] :]
+        return iter(indices)
 
 
 class MultiViewDataModule(L.LightningDataModule):
@@ -138,6 +186,32 @@ class MultiViewDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: MultiViewDataset | None = None
         self.predict_set: MultiViewDataset | None = None
+        # (epoch, batches already trained in it) from a mid-epoch checkpoint; see state_dict.
+        self._resume_position: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ resume position
+
+    def state_dict(self) -> dict:
+        """Where training stands in the current epoch, saved in every checkpoint.
+
+        ``ready`` counts the batches Lightning has taken from the loader this epoch; a
+        checkpoint written at a batch end has trained on all of them.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        loop = trainer.fit_loop
+        return {
+            "train_epoch": int(loop.epoch_progress.current.processed),
+            "train_batches_done": int(loop.epoch_loop.batch_progress.current.ready),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_epoch" in state_dict:
+            self._resume_position = (
+                int(state_dict["train_epoch"]),
+                int(state_dict["train_batches_done"]),
+            )
 
     # ------------------------------------------------------------------ files and caches
 
@@ -301,7 +375,7 @@ class MultiViewDataModule(L.LightningDataModule):
         return functools.partial(collate_multiview, neighbour_mask=mask)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # Only the evaluation loaders come here (shuffle=False); see train_dataloader.
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -310,7 +384,6 @@ class MultiViewDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             collate_fn=self._collate(),
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )
 
     def _require(self, dataset, stage: str):
@@ -319,7 +392,29 @@ class MultiViewDataModule(L.LightningDataModule):
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.train_set, "fit"), self.batch_size, shuffle=True)
+        """Shuffled by ``ResumableShuffleSampler``; after a mid-epoch resume, the first pass
+        starts where the checkpoint left off."""
+        dataset = self._require(self.train_set, "fit")
+        trainer = getattr(self, "trainer", None)
+        world, rank, epoch = 1, 0, 0
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+            epoch = int(trainer.fit_loop.epoch_progress.current.processed)
+        sampler = ResumableShuffleSampler(dataset, world, rank, seed=self.seed, epoch=epoch)
+        if self._resume_position is not None:
+            saved_epoch, done = self._resume_position
+            if 0 < done < math.ceil(len(sampler) / self.batch_size):
+                sampler.skip_batches(done, self.batch_size, epoch=saved_epoch)
+            self._resume_position = None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=self._collate(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out normals, or an empty list (Lightning then skips validation)."""

@@ -9,15 +9,19 @@ effect (building the bank, writing files and pictures) lives in ``vsad_lightning
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from vsad_lightning.data.batch import MultiViewBatch
+from vsad_lightning.errors import DataError
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.models.backbones import build_backbone
 from vsad_lightning.models.features import FeatureExtractor, FeatureNorm, normalise_features
@@ -25,6 +29,28 @@ from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.objective import diffusion_objective
 from vsad_lightning.models.scoring import score_features
 from vsad_lightning.models.unet import ViewAlignedUNet
+
+
+class NonFiniteLossError(DataError):
+    """Training stopped: the loss was NaN or inf for ``max_bad_steps`` consecutive steps.
+
+    A ``DataError`` so that ``vsad-fit`` reports it as one line with exit code 2: the usual
+    causes are a learning rate that is far too high or corrupt input images, both things the
+    user fixes in the config or the data.
+    """
+
+
+def step_generator(device: torch.device, *key: int) -> torch.Generator:
+    """A generator seeded from ``key`` alone (e.g. ``(seed, epoch, batch_idx, rank)``).
+
+    The training noise then depends only on where training stands, never on how many random
+    numbers the process drew before (a resumed run, a different number of validation batches),
+    which is what makes a resumed run finish bit-identical to an uninterrupted one.
+    ``SeedSequence`` mixes the words so that neighbouring keys give unrelated streams.
+    """
+    words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
+    seed = (int(words[0]) << 32) | int(words[1])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass
@@ -78,6 +104,12 @@ class VSADModule(L.LightningModule):
             ``positional`` (only the same view within ``positional_radius`` feature positions;
             needs ``bank.coreset_ratio: 1.0``; ``MemoryBank.positional_distances``).
         positional_radius: the positional bank's search half-width, in feature positions.
+        noise_seed: seeds the training timesteps and noise together with
+            ``(epoch, batch_idx, global_rank)`` (``step_generator``); ``None``: the run's
+            ``seed_everything`` value (``PL_GLOBAL_SEED``), else 0.
+        max_bad_steps: a step whose loss is NaN or inf is skipped (no optimiser step) and
+            counted in ``train/skipped_steps``; after this many consecutive such steps training
+            stops with ``NonFiniteLossError``.
     """
 
     def __init__(
@@ -111,8 +143,12 @@ class VSADModule(L.LightningModule):
         feature_norm: FeatureNorm = "none",
         bank_mode: Literal["global", "positional"] = "global",
         positional_radius: int = 2,
+        noise_seed: int | None = None,
+        max_bad_steps: int = 5,
     ) -> None:
         super().__init__()
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.save_hyperparameters()
         parts = build_backbone(
             backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
@@ -149,6 +185,9 @@ class VSADModule(L.LightningModule):
         self.memory_bank = MemoryBank()
         self.test_metrics = AnomalyMetrics()
         self.test_results: dict[str, float] | None = None
+        # Non-finite-loss bookkeeping; saved in checkpoints so a resume keeps counting.
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
 
     # ----------------------------------------------------------------------------- plumbing
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
@@ -177,7 +216,13 @@ class VSADModule(L.LightningModule):
         return self.prompt_embedding.expand(batch_size, -1, -1)
 
     # ----------------------------------------------------------------------------- training
-    def _objective(self, batch: MultiViewBatch):
+    @property
+    def noise_seed(self) -> int:
+        if self.hparams.noise_seed is not None:
+            return int(self.hparams.noise_seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _objective(self, batch: MultiViewBatch, generator: torch.Generator | None = None):
         latents = self.encode(batch.images)
         return diffusion_objective(
             self.unet,
@@ -189,10 +234,28 @@ class VSADModule(L.LightningModule):
             batch.neighbour_mask,
             lambda_r=self.hparams.lambda_r,
             max_timestep=self.hparams.max_train_timestep,
+            generator=generator,
         )
 
-    def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
-        out = self._objective(batch)
+    def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor | None:
+        """One step of ``L = L_d + λ_r L_r``; ``None`` (no optimiser step) if the loss is not
+        finite.
+
+        Under DDP every rank must take the same decision, or the ranks that step would wait
+        forever in the gradient all-reduce of the ranks that skipped: the "bad" flag is
+        max-reduced over ranks first, so one rank's NaN skips the step everywhere. Returning
+        ``None`` on all ranks means no rank runs backward, so no collective is left pending.
+        """
+        generator = step_generator(
+            self.device, self.noise_seed, self.current_epoch, batch_idx, self.global_rank
+        )
+        out = self._objective(batch, generator)
+        bad = torch.tensor(0.0 if torch.isfinite(out.loss) else 1.0, device=self.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if bool(bad > 0):
+            return self._skip_step(out.loss)
+        self.bad_steps_in_a_row = 0
         self.log_dict(
             {
                 "train/loss": out.loss,
@@ -202,10 +265,42 @@ class VSADModule(L.LightningModule):
             prog_bar=True,
             batch_size=batch.batch_size,
         )
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.batch_size)
         return out.loss
 
+    def _skip_step(self, loss: Tensor) -> None:
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        limit = self.hparams.max_bad_steps
+        if self.bad_steps_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"training stopped: the loss was not finite ({float(loss.detach())}) for {limit} "
+                f"consecutive steps (up to {where}); lower model.lr, check the training images, "
+                "or resume from an earlier checkpoint"
+            )
+        rank_zero_warn(
+            f"non-finite loss ({float(loss.detach())}) at {where}: step skipped "
+            f"({self.bad_steps_in_a_row}/{limit} in a row, {self.skipped_steps} in total)"
+        )
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vsad_bad_steps"] = {
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("vsad_bad_steps", {})
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
+
     def validation_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
-        out = self._objective(batch)
+        # The same noise for a batch at every validation: the curve shows the model, not noise.
+        generator = step_generator(self.device, self.noise_seed, -1, batch_idx, self.global_rank)
+        out = self._objective(batch, generator)
         self.log_dict(
             {
                 "val/loss": out.loss,
