@@ -44,7 +44,7 @@ from torch import Tensor
 from vsad_lightning.models.memory_bank import greedy_coreset
 
 AllGather = Callable[[Tensor], Tensor]
-"""``t -> (world_size, *t.shape)``: every rank's ``t`` in rank order (Lightning's ``all_gather``)."""
+"""``t -> (world_size, *t.shape)``: every rank's ``t`` in rank order (``all_gather``)."""
 
 
 @dataclass
