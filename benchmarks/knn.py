@@ -23,8 +23,9 @@ one test sample as queries (5 views x 64 x 64 = 20480 rows). Methods:
 
 Banks (``--banks``): ``random``: low-rank Gaussian rows (a seeded (N, 64) Gaussian times a
 (64, D) one; no cluster structure, like the tiny model's real features measured in
-benchmarks/results/knn.md); ``clustered``: the best case for pruning, 1024 Gaussian clusters
-(centres N(0, I), within-cluster std 0.1) with queries drawn from the same mixture. Only
+benchmarks/results/knn.md); ``clustered``: the best case for pruning, N / 1000 Gaussian clusters
+(centres N(0, I), within-cluster std 0.1, ~1000 rows each) with queries drawn from the same
+mixture. Only
 ``ours`` depends on the values; the brute-force methods cost the same on both banks, so the
 clustered bank runs only at D = 640.
 
@@ -65,7 +66,7 @@ import time
 SAMPLE_QUERIES = 5 * 64 * 64
 NAIVE_CHUNK = 1024
 METHODS = ("ours", "brute", "mm", "cdist", "cdist-1k", "anomalib", "faiss")
-CLUSTERS = 1024
+ROWS_PER_TRUE_CLUSTER = 1000
 CLUSTER_STD = 0.1
 
 
@@ -93,11 +94,12 @@ def _make_data(num_bank: int, num_queries: int, dim: int, kind: str = "random"):
 
     g = torch.Generator().manual_seed(0)
     if kind == "clustered":
-        centres = torch.randn(CLUSTERS, dim, generator=g)
+        clusters = max(1, num_bank // ROWS_PER_TRUE_CLUSTER)
+        centres = torch.randn(clusters, dim, generator=g)
         bank = torch.randn(num_bank, dim, generator=g).mul_(CLUSTER_STD)
-        bank += centres[torch.randint(CLUSTERS, (num_bank,), generator=g)]
+        bank += centres[torch.randint(clusters, (num_bank,), generator=g)]
         q = torch.Generator().manual_seed(1)
-        which = torch.randint(CLUSTERS, (SAMPLE_QUERIES,), generator=q)[:num_queries]
+        which = torch.randint(clusters, (SAMPLE_QUERIES,), generator=q)[:num_queries]
         noise = torch.randn(SAMPLE_QUERIES, dim, generator=q)[:num_queries]
         return centres[which] + CLUSTER_STD * noise, bank
     basis = torch.randn(64, dim, generator=g) / 8.0
