@@ -70,13 +70,15 @@ def projection_table(say) -> dict:
     say("## 1. Projected bank size, one Real-IAD category (SD2 base widths)\n")
     say(
         f"{TRAIN_SAMPLES} training samples x {VIEWS} views x positions per level; GB = 1e9 "
-        "bytes. Streaming RAM is the builder's peak for a coreset (about 3 N x 128 float32 for "
-        "the projected selection of the largest level, plus the kept rows); its spill file "
-        "needs N x D x 4 bytes of disk per level.\n"
+        "bytes. Streaming RAM (coreset 0.1) is the builder's peak estimated from its design: "
+        "3 N x 128 float32 for the projected selection of the largest level, plus the kept rows "
+        "of every level in float32 (as built) and in float16 (the bank's copy); its spill files "
+        "need N x D x 4 bytes of disk per level. The in-memory path needs at least twice the "
+        "'all fp32' column (batch list + concatenation).\n"
     )
     say(
         "| image | levels | level shapes (C x h x w) | rows N | all fp32 GB | all fp16 GB | "
-        "coreset 0.1 fp16 GB | coreset 0.01 fp16 GB | streaming RAM GB (coreset) |"
+        "coreset 0.1 fp16 GB | coreset 0.01 fp16 GB | streaming RAM GB (coreset 0.1) |"
     )
     say("|---|---|---|---|---|---|---|---|---|")
     out = {}
@@ -94,7 +96,7 @@ def projection_table(say) -> dict:
             say(
                 f"| {image} | {name} | {shapes} | {sum(rows.values()):,} | {_gb(4 * elements)} | "
                 f"{_gb(2 * elements)} | {_gb(0.2 * elements)} | {_gb(0.02 * elements)} | "
-                f"{_gb(streaming + 0.1 * 2 * elements)} |"
+                f"{_gb(streaming + 0.1 * (4 + 2) * elements)} |"
             )
             out[(image, name)] = {"rows": rows, "elements": elements}
     return out
