@@ -38,7 +38,7 @@ memory includes it.
 
 A full sample at N = 1e6 (2 Q N D = 2.6e13 flops at D = 640) takes minutes per method on a
 2-core CPU, so each method is timed on a subset of the sample's queries sized by
-``--flops-per-run`` (at least 1024 for ``cdist-1k``, 256 otherwise) and its time is scaled
+``--flops-per-run`` (at least 1024, 256 for faiss) and its time is scaled
 linearly to 20480 queries; such rows are marked ``*``. Every method but one-call ``cdist`` is
 linear in Q and chunked, so the peak memory of a subset is the full sample's; one-call ``cdist``
 therefore only ever runs on the full sample (N = 1e5; at N = 1e6 its 82 GB matrix cannot exist).
@@ -273,6 +273,57 @@ def _faiss_installed() -> bool:
     return True
 
 
+def prunability(checkpoint: str, rows_per_cluster: int = 32) -> None:
+    """The pruned search on a fitted model's banks: each sample's rows against the others'.
+
+    The bank rows are in ``b, v, y, x`` order (``flatten_features``) with the same count per
+    training sample, read from ``MemoryBankCallback``'s build info. Small banks get small
+    clusters (``rows_per_cluster``), so the index has as many clusters per row as a 1e6-row
+    bank's. Prints the visited fraction (1.0: fell back to brute force) and the median nearest
+    distance over the median pairwise distance (near 1: no cluster structure to exploit).
+    """
+    import torch
+
+    from vsad_lightning.models import knn
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    (info,) = [v for k, v in state["callbacks"].items() if "MemoryBankCallback" in k]
+    samples = _samples_of(state)
+    knn._ROWS_PER_CLUSTER = rows_per_cluster
+    for name, bank in state["state_dict"].items():
+        if not name.startswith("memory_bank.bank_") or info.get("coreset_ratio", 1.0) != 1.0:
+            continue
+        per = bank.shape[0] // samples
+        visited, ratios = [], []
+        for s in range(samples):
+            queries = bank[s * per : (s + 1) * per]
+            rest = torch.cat([bank[: s * per], bank[(s + 1) * per :]])
+            distances, _, fraction = knn.pruned_search(queries, rest)
+            visited.append(fraction)
+            pairs = torch.cdist(rest[::7][:2000], rest[1::11][:2000]).median()
+            ratios.append(float(distances.median() / pairs))
+        print(
+            f"{name} {tuple(bank.shape)}: {samples} samples, visited fraction "
+            f"{sum(visited) / samples:.3f}, median nearest / median pairwise distance "
+            f"{sum(ratios) / samples:.2f}"
+        )
+
+
+def _samples_of(state: dict) -> int:
+    """Training samples in the bank: rows of the finest level / (views x h x w) from hparams."""
+    hp = state.get("datamodule_hyper_parameters") or {}
+    root, category = hp.get("root"), hp.get("category")
+    if root and category:
+        import json
+        from pathlib import Path
+
+        spec = Path(root) / "realiad_jsons" / f"{category}.json"
+        if spec.exists():
+            train = json.loads(spec.read_text())["train"]
+            return len({"_".join(Path(e["image_path"]).stem.split("_")[:3]) for e in train})
+    raise SystemExit("error: cannot tell the number of training samples of this checkpoint")
+
+
 def _hardware() -> str:
     import platform
 
@@ -313,8 +364,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-coreset", action="store_true", help="skip the coreset timing")
     parser.add_argument("--out", help="also write the output as a markdown file")
+    parser.add_argument(
+        "--prunability",
+        metavar="CKPT",
+        help="only report how much the pruned search saves on a checkpoint's real banks",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prunability:
+        prunability(args.prunability)
+        return
     if args.worker:
         kind, *rest = args.worker
         if kind == "coreset":
@@ -370,10 +429,10 @@ def main() -> None:
                 timed_q = SAMPLE_QUERIES
             else:
                 fitting = int(args.flops_per_run / (2 * num_bank * dim)) // 256 * 256
-                # Enough queries that per-call costs (centring each bank chunk, cdist's bank
-                # copy) weigh as they do on a whole sample; faiss is slow, so it gets fewer.
-                least = {"ours": 2048, "brute": 2048, "mm": 2048}.get(method, NAIVE_CHUNK)
-                least = 256 if method == "faiss" else least
+                # At least 1024 queries, so per-call costs (centring each bank chunk: N D, vs
+                # 2 Q N D for the search; cdist's bank copy) stay small as on a whole sample;
+                # faiss is slow, so it gets fewer.
+                least = 256 if method == "faiss" else NAIVE_CHUNK
                 timed_q = min(SAMPLE_QUERIES, max(least, fitting))
                 if method == "ours" and kind == "clustered":
                     timed_q = SAMPLE_QUERIES  # pruned: cheap, and its cost is not linear in Q
