@@ -5,15 +5,14 @@ Usage: ``python benchmarks/knn.py [--quick] [--out benchmarks/results/knn.md]`` 
 Workload (DESIGN.md, Inference and scoring): a bank of N rows of width D, and the positions of
 one test sample as queries (5 views x 64 x 64 = 20480 rows). Methods:
 
-* ``ours``      ``nearest_distance(backend="auto")``, what the project runs: on the CPU, banks of
-                >= ``PRUNE_MIN_ROWS`` rows use the exact pruned search (k-means clusters with
-                radii, triangle-inequality bounds; it falls back to brute force by itself when
-                more than half of the pairs survive the bounds), smaller ones brute force.
-                ``visited`` is the fraction of (query, row) pairs it compared.
-* ``brute``     ``nearest_distance(backend="torch")``: chunked fused addmm + running argmin +
-                exact recomputation of the winning row (every pair).
+* ``ours``      ``nearest_distance(backend="torch")`` (what configs/demo.yaml runs): chunked
+                fused addmm + running argmin + exact recomputation of the winning row.
+* ``pruned``    ``nearest_distance(backend="pruned")``: the exact pruned search (k-means clusters
+                with radii, triangle-inequality bounds; it falls back to brute force by itself
+                when more than half of the pairs survive the bounds). ``visited`` is the
+                fraction of (query, row) pairs it compared.
 * ``mm``        a plain ``torch.mm`` of the same (Q x D)(D x N) shape, chunked exactly like
-                ``brute`` (no min, no norms): the practical GEMM limit on this machine.
+                ``ours`` (no min, no norms): the practical GEMM limit on this machine.
 * ``cdist``     ``torch.cdist(q, bank).min(1)`` in one call, when its Q x N matrix fits in memory.
 * ``cdist-1k``  the same with only the QUERIES chunked (1024 per call, the whole bank each time),
                 for when the one-call matrix cannot fit (N = 1e6: 82 GB): the cdist reference.
@@ -26,13 +25,13 @@ Banks (``--banks``): ``random``: low-rank Gaussian rows (a seeded (N, 64) Gaussi
 benchmarks/results/knn.md); ``clustered``: the best case for pruning, N / 1000 Gaussian clusters
 (centres N(0, I), within-cluster std 0.1, ~1000 rows each) with queries drawn from the same
 mixture. Only
-``ours`` depends on the values; the brute-force methods cost the same on both banks, so the
-clustered bank runs only at D = 640.
+``pruned`` depends on the values; the brute-force methods cost the same on both banks, so the
+clustered bank runs only ``pruned`` (the random bank's rows are its references).
 
 Each method runs in its own subprocess, so peak memories do not contaminate each other: the
 child builds the data, resets its peak-RSS counter (``/proc/self/clear_refs``), runs the method
 once and reports ``VmHWM`` minus the RSS before it. One-time work per bank (``ours``: the
-cached bank mean and norms and the cluster index; ``brute``: mean and norms; ``faiss``: the
+cached bank mean and norms; ``pruned``: those and the cluster index; ``faiss``: the
 index build) is timed apart as ``setup`` since it is shared by every test sample; the peak
 memory includes it.
 
@@ -65,7 +64,7 @@ import time
 
 SAMPLE_QUERIES = 5 * 64 * 64
 NAIVE_CHUNK = 1024
-METHODS = ("ours", "brute", "mm", "cdist", "cdist-1k", "anomalib", "faiss")
+METHODS = ("ours", "pruned", "mm", "cdist", "cdist-1k", "anomalib", "faiss")
 ROWS_PER_TRUE_CLUSTER = 1000
 CLUSTER_STD = 0.1
 
@@ -112,16 +111,14 @@ def _make_data(num_bank: int, num_queries: int, dim: int, kind: str = "random"):
 
 def _setup(method: str, bank):
     """One-time work per bank, reused by every later search (timed separately)."""
-    if method == "brute":
+    if method == "ours":
         from vsad_lightning.models.knn import _bank_stats
 
         return _bank_stats(bank)  # mean and norms, cached on the bank tensor
-    if method == "ours":
-        from vsad_lightning.models.knn import _bank_stats, _cluster_index, resolve_backend
+    if method == "pruned":
+        from vsad_lightning.models.knn import _cluster_index
 
-        if resolve_backend("auto", bank.device, bank.shape[0]) == "pruned":
-            return _cluster_index(bank)  # builds and caches the stats too
-        return _bank_stats(bank) if resolve_backend("auto", bank.device) == "torch" else None
+        return _cluster_index(bank)  # builds and caches the stats too
     if method == "faiss":
         import faiss
 
@@ -134,19 +131,12 @@ def _setup(method: str, bank):
 def _search(method: str, state, queries, bank, max_chunk_bytes: int):
     import torch
 
-    from vsad_lightning.models.knn import (
-        chunk_sizes,
-        nearest_distance,
-        pruned_search,
-        resolve_backend,
-    )
+    from vsad_lightning.models.knn import chunk_sizes, nearest_distance, pruned_search
 
+    if method == "pruned":
+        distances, _, visited = pruned_search(queries, bank, max_chunk_bytes=max_chunk_bytes)
+        return distances, visited
     if method == "ours":
-        if resolve_backend("auto", bank.device, bank.shape[0]) == "pruned":
-            distances, _, visited = pruned_search(queries, bank, max_chunk_bytes=max_chunk_bytes)
-            return distances, visited
-        return nearest_distance(queries, bank, max_chunk_bytes=max_chunk_bytes), 1.0
-    if method == "brute":
         return nearest_distance(queries, bank, backend="torch", max_chunk_bytes=max_chunk_bytes)
     if method == "mm":
         q_chunk, n_chunk = chunk_sizes(
@@ -422,7 +412,7 @@ def main() -> None:
     notes: list[str] = []
     for kind, num_bank, dim in configs:
         for method in methods:
-            if kind == "clustered" and method != "ours" and ("random", num_bank, dim) in configs:
+            if kind == "clustered" and method != "pruned" and ("random", num_bank, dim) in configs:
                 continue  # value-independent costs: the random bank's rows serve as reference
             matrix_gb = 4 * SAMPLE_QUERIES * num_bank / 1e9
             if method == "cdist":
@@ -434,7 +424,7 @@ def main() -> None:
                 # faiss is slow, so it gets fewer.
                 least = 256 if method == "faiss" else NAIVE_CHUNK
                 timed_q = min(SAMPLE_QUERIES, max(least, fitting))
-                if method == "ours" and kind == "clustered":
+                if method == "pruned" and kind == "clustered":
                     timed_q = SAMPLE_QUERIES  # pruned: cheap, and its cost is not linear in Q
             need = _estimated_extra_bytes(method, timed_q, num_bank, dim, args.max_chunk_bytes)
             need += 4 * (num_bank + timed_q) * dim  # the data themselves
@@ -480,7 +470,10 @@ def main() -> None:
     say("* timed on a subset of the queries, time scaled linearly to one sample")
     say("\nratios per configuration (ref = cdist if it ran, else cdist-1k):")
     for kind, num_bank, dim in configs:
-        ours = results.get((kind, num_bank, dim, "ours"))
+        # The clustered bank runs only the pruned search: its ratios are the pruned search's.
+        ours = results.get((kind, num_bank, dim, "ours")) or results.get(
+            (kind, num_bank, dim, "pruned")
+        )
         if not ours:
             continue
         line = f"  {kind:>9} N={num_bank:>8} D={dim:>4}:"
@@ -493,7 +486,7 @@ def main() -> None:
         mm = results.get(("random", num_bank, dim, "mm"))
         if mm:
             line += f" GFLOP/s ours/mm {ours['gflops'] / mm['gflops']:.2f},"
-        for other in ("brute", "anomalib", "faiss"):
+        for other in ("pruned", "anomalib", "faiss"):
             got = results.get((kind, num_bank, dim, other)) or results.get(
                 ("random", num_bank, dim, other)
             )
@@ -517,7 +510,9 @@ def main() -> None:
     num_bank, dim = headline
     summary = {}
     for kind in args.banks:
-        ours = results.get((kind, num_bank, dim, "ours"))
+        ours = results.get((kind, num_bank, dim, "ours")) or results.get(
+            (kind, num_bank, dim, "pruned")
+        )
         ref = _reference(results, kind, num_bank, dim)
         mm = results.get(("random", num_bank, dim, "mm"))
         if ours and ref and mm:

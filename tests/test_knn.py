@@ -7,7 +7,6 @@ import torch
 
 from vsad_lightning.models import knn
 from vsad_lightning.models.knn import (
-    PRUNE_MIN_ROWS,
     chunk_sizes,
     faiss_available,
     nearest_distance,
@@ -230,11 +229,10 @@ def test_pruned_cache_follows_in_place_changes(monkeypatch):
     )
 
 
-def test_auto_uses_the_pruned_search_for_large_cpu_banks():
+def test_pruned_backend_is_explicit_only():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, PRUNE_MIN_ROWS) == "pruned"
-    assert resolve_backend("auto", cpu, PRUNE_MIN_ROWS - 1) in ("torch", "faiss")
-    assert resolve_backend("auto", torch.device("cuda"), 10**7) == "torch"
+    assert resolve_backend("auto", cpu) in ("torch", "faiss")
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
     assert resolve_backend("pruned", cpu) == "pruned"
     with pytest.raises(ValueError, match="pruned"):
         resolve_backend("bogus", cpu)  # type: ignore[arg-type]

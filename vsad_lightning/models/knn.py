@@ -72,22 +72,18 @@ def faiss_available() -> bool:
 
 
 def resolve_backend(
-    backend: KnnBackend, device: torch.device, num_bank: int = 0
+    backend: KnnBackend, device: torch.device
 ) -> Literal["torch", "faiss", "pruned"]:
-    """Which search ``auto`` means for a bank of ``num_bank`` rows on ``device``.
+    """``auto`` means faiss when importable and the bank is on the CPU, torch otherwise.
 
-    On the CPU, banks of at least ``PRUNE_MIN_ROWS`` rows use the exact pruned search
-    (``pruned``; it falls back to brute force by itself where pruning does not pay), smaller
-    ones faiss when importable, else torch. faiss-cpu cannot use a GPU, and torch's matmul on a
-    GPU is much faster than copying the bank to the host (and than a pruned loop that
-    synchronises per cluster), so a CUDA bank always resolves to torch under ``auto``.
+    faiss-cpu cannot use a GPU, and torch's matmul on a GPU is much faster than copying the
+    bank to the host, so a CUDA bank always resolves to torch under ``auto``. ``pruned`` (the
+    exact cluster-pruned search) is never chosen by ``auto``: it pays only on banks with
+    cluster structure, which the measured features lack, and its index costs ``2 N K D`` flops
+    per bank (benchmarks/results/knn_1e6_pruned_auto.md).
     """
     if backend == "auto":
-        if device.type != "cpu":
-            return "torch"
-        if num_bank >= PRUNE_MIN_ROWS:
-            return "pruned"
-        return "faiss" if faiss_available() else "torch"
+        return "faiss" if device.type == "cpu" and faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
         raise ValueError("knn backend 'faiss' requested but `import faiss` fails (faiss-cpu)")
     if backend not in ("torch", "faiss", "pruned"):
@@ -135,7 +131,7 @@ def nearest_neighbour(
         empty = torch.empty(0, dtype=torch.float32, device=queries.device)
         return empty, torch.empty(0, dtype=torch.long, device=queries.device)
     queries = queries.float()  # no copy for float32; half-precision queries are upcast once
-    resolved = resolve_backend(backend, bank.device, bank.shape[0])
+    resolved = resolve_backend(backend, bank.device)
     if resolved == "faiss":
         index = _argmin_faiss(queries, bank)
     elif resolved == "pruned":
@@ -328,9 +324,6 @@ def _centred_chunks(bank: Tensor, mean: Tensor) -> Iterator[tuple[int, Tensor]]:
 
 
 # ------------------------------------------------------------------------ exact pruned search
-PRUNE_MIN_ROWS = 65_536
-"""Banks with at least this many rows use the pruned search under ``auto`` (on the CPU)."""
-
 _ROWS_PER_CLUSTER = 512
 """Average cluster size of the pruned search's index: ``K = N / 512`` clusters (at most
 ``_MAX_CLUSTERS``).
