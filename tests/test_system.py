@@ -125,7 +125,7 @@ def test_checkpoint_round_trip_reproduces_metrics_exactly(fitted, small_root, tm
 
 def _bank(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    bank = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("memory_bank.")}
+    bank = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("memory_bank.bank_")}
     (info,) = [v for k, v in checkpoint["callbacks"].items() if "MemoryBankCallback" in k]
     return bank, info
 
@@ -137,24 +137,36 @@ def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
     frozen = [*SMALL, "--trainer.max_epochs", "1", "--model.lr", "0.0",
               "--model.weight_decay", "0.0", "--model.warmup_steps", "0"]  # fmt: skip
     banks = {}
-    for devices in (1, 2):
-        root = tmp_path / f"d{devices}"
+    # (devices, streaming): the in-memory path on one and two processes, and the streaming
+    # builder (MemoryBankCallback(streaming=True)) on two.
+    for devices, streaming in ((1, False), (2, False), (2, True)):
+        root = tmp_path / f"d{devices}_{streaming}"
         proc = run_script(
             "vsad-fit", "--config", str(DEMO_CONFIG), "--data.root", str(small_root),
             "--data.category", "brick", "--trainer.default_root_dir", str(root), *frozen,
             "--trainer.devices", str(devices), "--trainer.strategy",
-            "ddp" if devices == 2 else "auto",
+            "ddp" if devices == 2 else "auto", "--bank.streaming", str(streaming).lower(),
+            "--bank.spill_dir", str(tmp_path),
         )  # fmt: skip
         metrics_path = Path(proc.stdout.strip().splitlines()[-1].removeprefix("metrics: "))
-        banks[devices], info = _bank(metrics_path.parent / "checkpoints" / "final.ckpt")
-        assert info["world_size"] == devices, info
-    assert banks[1].keys() == banks[2].keys() and banks[1]
-    for key, one in banks[1].items():
-        two = banks[2][key]
-        assert one.shape == two.shape, key
+        banks[devices, streaming], info = _bank(metrics_path.parent / "checkpoints" / "final.ckpt")
+        assert info["world_size"] == devices and info["streaming"] == streaming, info
+        assert info["feature_rows"] == {
+            key.removeprefix("memory_bank.bank_"): value.shape[0]
+            for key, value in banks[devices, streaming].items()
+        }, info
+    one = banks[1, False]
+    assert one.keys() == banks[2, False].keys() == banks[2, True].keys() and one
+    for key, reference in one.items():
+        two = banks[2, False][key]
+        assert reference.shape == two.shape, key
         # Same rows as sets: every row of each bank has an (almost) exact twin in the other.
-        assert nearest_distance(one, two, backend="torch").max() < 1e-4, key
-        assert nearest_distance(two, one, backend="torch").max() < 1e-4, key
+        assert nearest_distance(reference, two, backend="torch").max() < 1e-4, key
+        assert nearest_distance(two, reference, backend="torch").max() < 1e-4, key
+        # The streaming build puts rows in the unsharded loader's order: the one-process bank,
+        # row for row.
+        torch.testing.assert_close(banks[2, True][key], reference, rtol=0, atol=1e-4)
+    assert not any(tmp_path.glob("vsad_bank_*")), "spill files left behind"
 
 
 @pytest.mark.slow

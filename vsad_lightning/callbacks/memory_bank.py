@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from vsad_lightning.models.bank_builder import StreamingBankBuilder
 from vsad_lightning.models.memory_bank import flatten_features, greedy_coreset
 
 FINAL_CHECKPOINT = "final.ckpt"
@@ -35,6 +36,14 @@ class MemoryBankCallback(L.Callback):
         projection_dim: random-projection width used for the coreset's distances.
         seed: the coreset's random projection seed.
         save_checkpoint: write ``checkpoints/final.ckpt`` (model + bank) once the bank exists.
+        streaming: build with ``StreamingBankBuilder``: feature rows are spilled to a temporary
+            file per level as they are extracted and only their random projections stay in RAM,
+            so the full feature set is never held at once (for banks larger than RAM; see
+            ``benchmarks/bank_scale.py``). Rows are then in the unsharded loader's order on any
+            number of processes (the in-memory path concatenates rank shards), so the coreset
+            does not depend on the number of processes.
+        spill_dir: directory of the streaming build's spill files (``None``: the system temp
+            directory); it needs ``4 N D`` bytes per level for this process's rows.
     """
 
     def __init__(
@@ -43,6 +52,8 @@ class MemoryBankCallback(L.Callback):
         projection_dim: int = 128,
         seed: int = 0,
         save_checkpoint: bool = True,
+        streaming: bool = False,
+        spill_dir: str | None = None,
     ) -> None:
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -50,6 +61,8 @@ class MemoryBankCallback(L.Callback):
         self.projection_dim = projection_dim
         self.seed = seed
         self.save_checkpoint = save_checkpoint
+        self.streaming = streaming
+        self.spill_dir = spill_dir
         # How the bank was built; saved in the checkpoint (callbacks section) for audits.
         self.build_info: dict = {}
         self.grids: dict[int, tuple[int, int, int]] = {}
@@ -90,26 +103,73 @@ class MemoryBankCallback(L.Callback):
             return local
         return {level: _gather_rows(pl_module, rows) for level, rows in local.items()}
 
+    @torch.no_grad()
+    def stream_features(self, trainer: L.Trainer, pl_module) -> StreamingBankBuilder:
+        """This rank's shard of training features, spilled to disk batch by batch."""
+        loader = _shard(
+            trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
+        )
+        builder = StreamingBankBuilder(
+            coreset_ratio=self.coreset_ratio,
+            projection_dim=self.projection_dim,
+            seed=self.seed,
+            spill_dir=self.spill_dir,
+        )
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in loader:
+                batch = batch.to(pl_module.device)
+                for level, feats in pl_module.extract_features(batch).items():
+                    self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
+                    builder.add(level, flatten_features(feats.float()), feats.shape[0])
+        except BaseException:
+            builder.close()
+            raise
+        finally:
+            pl_module.train(was_training)
+        if not builder.levels:
+            raise RuntimeError("the training feature loader yielded no samples on this rank")
+        return builder
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        features = self.collect_features(trainer, pl_module)
         self.build_info = {
             "world_size": trainer.world_size,
             "coreset_ratio": self.coreset_ratio,
-            "feature_rows": {str(level): int(rows.shape[0]) for level, rows in features.items()},
+            "streaming": self.streaming,
         }
+        if self.streaming:
+            builder = self.stream_features(trainer, pl_module)
+            gather = pl_module.all_gather if trainer.world_size > 1 else None
+            levels = builder.build(gather, trainer.global_rank)
+        else:
+            features = self.collect_features(trainer, pl_module)
+            self.build_info["feature_rows"] = {
+                str(level): int(rows.shape[0]) for level, rows in features.items()
+            }
+            levels = self._in_memory_levels(features)
         rank_zero_info(f"memory bank: features gathered from {trainer.world_size} process(es)")
+        for level, rows in levels:
+            # Every feature in sample order keeps its place (positional bank); a coreset does not.
+            grid = self.grids.get(level) if self.coreset_ratio >= 1.0 else None
+            pl_module.memory_bank.set_level(level, rows, grid=grid)
+            rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
+        if self.streaming:
+            self.build_info["feature_rows"] = {
+                str(level): rows for level, rows in builder.total_rows.items()
+            }
+        if self.save_checkpoint:
+            # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
+            trainer.save_checkpoint(Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT)
+
+    def _in_memory_levels(self, features: dict[int, Tensor]):
         for level, rows in sorted(features.items()):
-            grid = self.grids.get(level)
             if self.coreset_ratio < 1.0:
                 keep = greedy_coreset(
                     rows, self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed
                 )
-                rows, grid = rows[keep], None  # a coreset keeps no positions
-            pl_module.memory_bank.set_level(level, rows, grid=grid)
-            rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
-        if self.save_checkpoint:
-            # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
-            trainer.save_checkpoint(Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT)
+                rows = rows[keep]
+            yield level, rows
 
     def state_dict(self) -> dict:
         return dict(self.build_info)
