@@ -288,11 +288,21 @@ def fit_main(args: list[str] | None = None) -> int:
         ckpt = str(cli.resume_from)
         if cli.trainer.is_global_zero:
             print(f"resuming from {ckpt}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    if ckpt is not None and ckpt not in ("last", "hpc"):  # Lightning's named checkpoints
+        _require_checkpoint(ckpt)
+    # weights_only: checkpoints never need arbitrary unpickling (issue 7, loading safety).
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     _drop_consumed_hpc_checkpoints(cli.trainer)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     _print_results(cli)
     return 0
+
+
+def _require_checkpoint(path: str) -> str:
+    """The checkpoint path, or a one-line error naming it when it is not a file."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} does not exist (expected a .ckpt written by vsad-fit)")
+    return path
 
 
 @report_data_errors
@@ -300,7 +310,8 @@ def test_main(args: list[str] | None = None) -> int:
     """``vsad-test --config CONFIG --ckpt_path CKPT``: test a checkpoint as ``vsad-fit`` does."""
     cli = VSADCLI("test", args)
     _ensure_writable(cli.trainer.default_root_dir)
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config["ckpt_path"])
+    ckpt = _require_checkpoint(cli.config["ckpt_path"])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     _print_results(cli)
     return 0
 
@@ -315,8 +326,9 @@ def predict_main(args: list[str] | None = None) -> int:
     cli.trainer.predict(
         cli.model,
         datamodule=cli.datamodule,
-        ckpt_path=cli.config["ckpt_path"],
+        ckpt_path=_require_checkpoint(cli.config["ckpt_path"]),
         return_predictions=False,
+        weights_only=True,
     )
     writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
     if cli.trainer.is_global_zero:

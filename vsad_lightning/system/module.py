@@ -139,7 +139,7 @@ class VSADModule(L.LightningModule):
         feature_seed: int = 0,
         level_weights: Sequence[float] | None = None,
         sigma: float = 4.0,
-        knn_backend: Literal["auto", "torch", "faiss"] = "auto",
+        knn_backend: Literal["auto", "torch", "faiss", "pruned"] = "auto",
         feature_norm: FeatureNorm = "none",
         bank_mode: Literal["global", "positional"] = "global",
         positional_radius: int = 2,
