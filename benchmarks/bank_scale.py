@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import spawn_worker  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,12 +171,7 @@ def child(method: str, samples: int, rows_per_sample: int, dim: int, ratio: floa
 
 
 def _spawn(*args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{args} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+    return spawn_worker(__file__, ["--worker", *args])
 
 
 # ------------------------------------------------------------------------------------- main

@@ -58,9 +58,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import cpu_model, spawn_worker  # noqa: E402
 
 SAMPLE_QUERIES = 5 * 64 * 64
 NAIVE_CHUNK = 1024
@@ -247,12 +249,7 @@ def _estimated_extra_bytes(method: str, q: int, n: int, d: int, max_chunk_bytes:
 
 
 def _spawn(args: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{' '.join(args)} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+    return spawn_worker(__file__, args)
 
 
 def _faiss_installed() -> bool:
@@ -315,14 +312,8 @@ def _samples_of(state: dict) -> int:
 
 
 def _hardware() -> str:
-    import platform
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     return f"{model}, {os.cpu_count()} CPUs, {_mem_total_gib():.0f} GiB RAM"
 
 
