@@ -373,3 +373,21 @@ def test_kill_9_then_same_command_resumes_and_finishes_identically(
     third = run_script("vsad-fit", *cmd[1:], "--trainer.max_epochs", "1")
     assert "resuming from" not in third.stdout
     assert _metrics(third.stdout).parent.name == "version_1"
+
+
+def test_a_command_run_in_process_does_not_leak_its_run_version(monkeypatch):
+    # The demo and the benchmarks call fit_main several times in one process; a leaked
+    # VSAD_RUN_VERSION would send a later run into an existing version folder.
+    from vsad_lightning.cli.run import RUN_VERSION_ENV, _run_version_scoped
+
+    monkeypatch.delenv(RUN_VERSION_ENV, raising=False)
+
+    @_run_version_scoped
+    def command() -> int:
+        os.environ[RUN_VERSION_ENV] = "0"
+        return 0
+
+    assert command() == 0
+    assert RUN_VERSION_ENV not in os.environ
+    monkeypatch.setenv(RUN_VERSION_ENV, "7")  # a DDP worker's own value survives
+    assert command() == 0 and os.environ[RUN_VERSION_ENV] == "7"

@@ -23,6 +23,7 @@ epoch end, so a crash costs at most that many steps.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -278,7 +279,30 @@ def _print_results(cli: VSADCLI) -> None:
     print(f"metrics: {writer.metrics_path}")
 
 
+def _run_version_scoped(main):
+    """Forget ``VSAD_RUN_VERSION`` when a command returns, as it was before the command.
+
+    The variable is for the DDP worker processes one command starts; a later command in the
+    same process (the demo, the accuracy benchmark, tests) must choose its own version, or it
+    would write into an existing run folder.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        previous = os.environ.get(RUN_VERSION_ENV)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop(RUN_VERSION_ENV, None)
+            else:
+                os.environ[RUN_VERSION_ENV] = previous
+
+    return wrapper
+
+
 @report_data_errors
+@_run_version_scoped
 def fit_main(args: list[str] | None = None) -> int:
     """``vsad-fit --config CONFIG [overrides]``: fit, build the bank, then test."""
     cli = VSADCLI("fit", args)
@@ -306,6 +330,7 @@ def _require_checkpoint(path: str) -> str:
 
 
 @report_data_errors
+@_run_version_scoped
 def test_main(args: list[str] | None = None) -> int:
     """``vsad-test --config CONFIG --ckpt_path CKPT``: test a checkpoint as ``vsad-fit`` does."""
     cli = VSADCLI("test", args)
@@ -317,6 +342,7 @@ def test_main(args: list[str] | None = None) -> int:
 
 
 @report_data_errors
+@_run_version_scoped
 def predict_main(args: list[str] | None = None) -> int:
     """``vsad-predict --config CONFIG --ckpt_path CKPT --data.predict_root DIR``.
 
