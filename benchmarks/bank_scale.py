@@ -30,7 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import spawn_worker  # noqa: E402
+from _shared import reset_peak_rss, spawn_worker, status_kib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,21 +105,6 @@ def projection_table(say) -> dict:
 
 
 # ----------------------------------------------------------------------------- build (child)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(method: str, samples: int, rows_per_sample: int, dim: int, ratio: float) -> None:
@@ -137,8 +122,8 @@ def child(method: str, samples: int, rows_per_sample: int, dim: int, ratio: floa
             n = min(batch, samples - b0)
             yield torch.randn(n * rows_per_sample, dim, generator=generator), n
 
-    reset = _reset_peak()
-    before = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
+    reset = reset_peak_rss()
+    before = status_kib("VmRSS") if reset else status_kib("VmHWM")
     start = time.perf_counter()
     with torch.no_grad():
         if method == "in-memory":
@@ -156,7 +141,7 @@ def child(method: str, samples: int, rows_per_sample: int, dim: int, ratio: floa
             del rows
             bank = dict(builder.build())[0]
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(
         "RESULT "
         + json.dumps(

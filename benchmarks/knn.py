@@ -62,7 +62,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import cpu_model, spawn_worker  # noqa: E402
+from _shared import cpu_model, reset_peak_rss, spawn_worker, status_kib  # noqa: E402
 
 SAMPLE_QUERIES = 5 * 64 * 64
 NAIVE_CHUNK = 1024
@@ -72,22 +72,6 @@ CLUSTER_STD = 0.1
 
 
 # ----------------------------------------------------------------------------- child process
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _make_data(num_bank: int, num_queries: int, dim: int, kind: str = "random"):
@@ -182,8 +166,8 @@ def child(
     with torch.no_grad():
         queries, bank = _make_data(num_bank, num_queries, dim, kind)
         torch.mm(queries[:256], bank[:256].T)  # start the BLAS thread pool outside the timing
-        reset = _reset_peak()
-        before = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
+        reset = reset_peak_rss()
+        before = status_kib("VmRSS") if reset else status_kib("VmHWM")
         start = time.perf_counter()
         state = _setup(method, bank)
         setup_seconds = time.perf_counter() - start
@@ -191,7 +175,7 @@ def child(
         result = _search(method, state, queries, bank, max_chunk_bytes)
         seconds = time.perf_counter() - start
         result, visited = result if isinstance(result, tuple) else (result, 1.0)
-        peak = _status_kib("VmHWM")  # setup included: faiss's index copy is real memory
+        peak = status_kib("VmHWM")  # setup included: faiss's index copy is real memory
     print(
         "RESULT "
         + json.dumps(
