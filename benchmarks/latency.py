@@ -51,8 +51,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import cpu_model  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 VIEWS = 5
 TRAIN_SAMPLES = 250
 STAGES = ("encode", "inversion", "features", "knn", "post")

@@ -267,6 +267,33 @@ def test_matches_explicit_loop_reference():
     assert (ours - x).abs().max() > 0.1  # W_o is non-zero: the test is not vacuous
 
 
+def test_layout_cache_reuses_the_geometry_with_identical_outputs_and_gradients():
+    """``layout_cache``: the second MVAM of a call reuses the first one's geometry; outputs and
+    gradients equal those of uncached calls, and a new map size gets its own entry."""
+    g = torch.Generator().manual_seed(1)
+    B, V, C = 2, 3, 8
+    first, second = (MVAM(C, attention_dim=8, num_heads=2) for _ in range(2))
+    for module in (first, second):
+        set_random_output(module, g)
+    H = random_homographies(B, V, g)
+    mask = ~torch.eye(V, dtype=torch.bool)
+    x = torch.randn(B, V, C, 5, 6, generator=g, requires_grad=True)
+
+    def run(cache):
+        y = second(first(x, H, mask, layout_cache=cache), H, mask, layout_cache=cache)
+        (grad,) = torch.autograd.grad(y.square().sum(), x)
+        return y, grad
+
+    cache: dict = {}
+    y_cached, grad_cached = run(cache)
+    y_plain, grad_plain = run(None)
+    assert len(cache) == 1
+    torch.testing.assert_close(y_cached, y_plain, rtol=0, atol=0)
+    torch.testing.assert_close(grad_cached, grad_plain, rtol=0, atol=0)
+    first(torch.randn(B, V, C, 4, 4), H, mask, layout_cache=cache)
+    assert len(cache) == 2
+
+
 def test_frequency_embedding_values():
     emb = frequency_embedding(torch.tensor([[0.0, 0.0], [1.5, -0.5]]), window=3, num_frequencies=2)
     assert emb.shape == (2, 8)

@@ -68,6 +68,7 @@ class _CallContext:
     capture: bool
     features: dict[int, Tensor] = field(default_factory=dict)
     scaled: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)  # MVAM's geometry per map size (MVAM.forward)
 
     def homographies_at(self, width: int, height: int) -> Tensor:
         """Homographies scaled to a ``(width, height)`` map, computed once per size and call."""
@@ -102,7 +103,9 @@ class _AlignerHook:
         ctx = self.owner._require_context(self.key)
         x = ctx.to_views(output, f"decoder ResBlock {self.key}")
         h, w = x.shape[-2:]
-        aligned = self.owner.aligners[self.key](x, ctx.homographies_at(w, h), ctx.neighbour_mask)
+        aligned = self.owner.aligners[self.key](
+            x, ctx.homographies_at(w, h), ctx.neighbour_mask, layout_cache=ctx.layouts
+        )
         return aligned.flatten(0, 1)
 
 
