@@ -10,15 +10,22 @@ bars), plus the runs under ``<out>/runs/<variant>/``.
     python benchmarks/accuracy.py --variants full single_view
 
 Variants (issue 6):
-- ``full``: the base config as it is.
+- ``full``: the base config as it is (the demo's: 64 px, positional bank, latent level).
 - ``mvam_off`` / ``frm_off``: ``model.use_mvam`` / ``model.use_frm`` false.
 - ``R1`` / ``R3`` / ``R5``: MVAM's candidate window ``model.window``.
 - ``levels_last`` / ``levels_last2`` / ``levels_last3``: ``model.feature_levels``.
 - ``noise_mode``: ``model.feature_mode noise`` instead of DDIM inversion.
-- ``single_view``: the PatchCore-style baseline: the same backbone and training budget,
-  no MVAM, no FRM, views scored independently against one global bank.
-- ``global_bank`` / ``positional_bank`` / ``no_norm`` / ``instance_norm``: the scoring
-  choices of the embedded default (issue 6, section 5), each flipped on its own.
+- ``single_view``: the PatchCore-style baseline: the same backbone, features and training
+  budget, no MVAM, no FRM, each view scored on its own against one global bank.
+- ``global_bank`` / ``no_norm`` / ``no_latent``: the scoring choices of the embedded default
+  (issue 6, section 5), each switched back to the paper's on its own: the whole-bank search,
+  no feature normalisation, no latent level (``model.latent_weight 0``).
+
+``--reuse`` keeps a (variant, category) run that already has a ``metrics.json`` under
+``--work`` instead of training it again (same config and data assumed: use it to resume an
+interrupted table, not after changing either). The table is rewritten after every variant, so
+an interrupted run still leaves the finished rows. ``benchmarks/accuracy_findings.md`` (what
+helped and what did not, measured by hand) is appended to ``accuracy.md`` when present.
 """
 
 from __future__ import annotations
@@ -27,16 +34,21 @@ import argparse
 import contextlib
 import io
 import json
-import platform
+import os
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 from vsad_lightning.cli.run import fit_main
 from vsad_lightning.data.synthetic import write_synthetic_dataset
 from vsad_lightning.metrics.export import collect_metrics
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import cpu_model  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],
@@ -49,21 +61,40 @@ VARIANTS: dict[str, list[str]] = {
     "levels_last2": ["--model.feature_levels", "[-2, -1]"],
     "levels_last3": ["--model.feature_levels", "[-3, -2, -1]"],
     "noise_mode": ["--model.feature_mode", "noise"],
-    "single_view": ["--model.use_mvam", "false", "--model.use_frm", "false"],
+    "single_view": [
+        "--model.use_mvam", "false", "--model.use_frm", "false", "--model.bank_mode", "global",
+    ],
     "global_bank": ["--model.bank_mode", "global"],
-    "positional_bank": ["--model.bank_mode", "positional"],
     "no_norm": ["--model.feature_norm", "none"],
-    "instance_norm": ["--model.feature_norm", "instance"],
-}
+    "no_latent": ["--model.latent_weight", "0.0"],
+}  # fmt: skip
+FINDINGS = Path(__file__).with_name("accuracy_findings.md")
 SHOWN = ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro")
 
 
+def effective_overrides(name: str, config: Path) -> list[str]:
+    """The variant's overrides that change something: pairs whose value the config already
+    has are dropped (``R3`` is the demo's own window, so it is the ``full`` run)."""
+    doc = yaml.safe_load(config.read_text())
+    pairs = VARIANTS[name]
+    kept = []
+    for key, value in zip(pairs[::2], pairs[1::2], strict=True):
+        section, option = key.removeprefix("--").split(".", 1)
+        if (doc.get(section) or {}).get(option) != yaml.safe_load(value):
+            kept += [key, value]
+    return kept
+
+
 def run_variant(
-    name: str, base: list[str], data: Path, categories: list[str], runs: Path
+    name: str, base: list[str], data: Path, categories: list[str], runs: Path, reuse: bool
 ) -> list[dict]:
     """Fit and test one variant on every category; returns the metrics rows."""
     root = runs / name
+    done = {row["category"] for row in collect_metrics(root)} if reuse and root.is_dir() else set()
     for category in categories:
+        if category in done:
+            print(f"{name:>16} {category:>8}: reused", flush=True)
+            continue
         args = [
             *base,
             "--data.root", str(data),
@@ -139,37 +170,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
-        "--quick", action="store_true", help="64 px images and 1 epoch: a smoke-scale table."
+        "--quick", action="store_true", help="1 epoch on 16 training samples: a smoke table."
     )
+    parser.add_argument("--reuse", action="store_true", help="Keep finished runs in --work.")
     args, extra = parser.parse_known_args(argv)
 
-    size = 64 if args.quick else 128
-    data = args.work / f"data_{size}"
+    # The demo's data: 128 px renders (the config's data.resolution), the generator's default
+    # number of training samples; --quick shrinks both the data and the training.
+    size, train = (64, 16) if args.quick else (128, None)
+    scale = "quick" if args.quick else "full"
+    data = args.work / f"data_{scale}"
     categories = args.categories.split(",")
     if not (data / "realiad_jsons").is_dir():
-        write_synthetic_dataset(data, categories, args.seed, image_size=size, progress=print)
-    base = ["--config", args.config, "--data.resolution", str(size), "--data.image_size", str(size)]
+        sizes = {"samples_train": train} if train else {}
+        write_synthetic_dataset(
+            data, categories, args.seed, image_size=size, progress=print, **sizes
+        )
+    base = ["--config", args.config, "--data.resolution", str(size)]
     base += ["--seed_everything", str(args.seed), "--pictures.num_samples", "0"]
     if args.quick:
-        base += ["--trainer.max_epochs", "1", "--model.sigma", "2.0"]
+        base += ["--trainer.max_epochs", "1"]
     base += extra
 
     start = time.perf_counter()
-    results = {
-        name: run_variant(name, base, data, categories, args.work / f"runs_{size}")
-        for name in args.variants
-    }
-    minutes = (time.perf_counter() - start) / 60
-    header = (
-        f"# Accuracy ablations\n\n`python benchmarks/accuracy.py {' '.join(argv or [])}`".strip()
-        + f" on {platform.processor() or platform.machine()} ({platform.node()}), "
-        f"{size} px, config `{args.config}` + `{' '.join(extra)}`, categories {categories}, "
-        f"data seed {args.seed}; {minutes:.1f} min in all."
-    )
+    results: dict[str, list[dict]] = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.md").write_text(markdown(results, categories, header))
-    bar_chart(results, args.out / "accuracy.png")
-    (args.out / "accuracy.json").write_text(json.dumps({"header": header, "results": results}))
+    same_as: dict[tuple[str, ...], str] = {}  # effective overrides -> the variant that ran them
+    for name in args.variants:
+        runs = args.work / f"runs_{scale}"
+        key = tuple(effective_overrides(name, Path(args.config)))
+        if key in same_as:
+            # Identical to a variant already run (same config, same seeds): its rows.
+            print(f"{name:>16}: the same run as {same_as[key]}", flush=True)
+            results[f"{name} (= {same_as[key]})"] = results[same_as[key]]
+            continue
+        same_as[key] = name
+        results[name] = run_variant(name, base, data, categories, runs, args.reuse)
+        minutes = (time.perf_counter() - start) / 60
+        command = " ".join(["python benchmarks/accuracy.py", *(argv or [])])
+        header = (
+            f"# Accuracy ablations\n\n`{command}` on {cpu_model()}, {scale} scale "
+            f"({size} px renders), config `{args.config}` + `{' '.join(extra)}`, categories "
+            f"{categories}, data seed {args.seed}; {minutes:.1f} min for the runs below "
+            f"({len(results)} of {len(args.variants)} variants)."
+        )
+        table = markdown(results, categories, header)
+        if FINDINGS.is_file():
+            table += "\n" + FINDINGS.read_text()
+        (args.out / "accuracy.md").write_text(table)
+        bar_chart(results, args.out / "accuracy.png")
+        (args.out / "accuracy.json").write_text(json.dumps({"header": header, "results": results}))
     print(markdown(results, categories, header))
     return 0
 

@@ -244,3 +244,36 @@ def test_l2_norm_gives_unit_rows_and_none_is_identity():
     torch.testing.assert_close(normalise_features(f, "l2")[1].norm(dim=2), torch.ones(2, 3, 5, 5))
     with pytest.raises(ValueError, match="feature_norm"):
         normalise_features(f, "batch")
+
+
+def test_latent_weight_adds_the_latent_as_one_more_level(synthetic_root_cached):
+    """``model.latent_weight``: the encoder's latent is scored as level ``LATENT_LEVEL``, with the
+    same normalisation as the U-Net levels, and the U-Net levels do not change."""
+    import lightning as L
+
+    from vsad_lightning.data.datamodule import MultiViewDataModule
+    from vsad_lightning.models.features import LATENT_LEVEL
+    from vsad_lightning.system.module import VSADModule
+
+    data = MultiViewDataModule(str(synthetic_root_cached), "brick", resolution=64, image_size=64)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    features = {}
+    for weight in (0.0, 2.0):
+        L.seed_everything(0, verbose=False)
+        module = VSADModule(
+            image_size=64, attention_dim=16, num_heads=2, inversion_steps=1,
+            feature_norm="instance", latent_weight=weight,
+        )  # fmt: skip
+        module.eval()
+        features[weight] = module.extract_features(batch)
+        assert (LATENT_LEVEL in module.level_weights) == (weight > 0)
+    assert LATENT_LEVEL not in features[0.0]
+    assert set(features[2.0]) == set(features[0.0]) | {LATENT_LEVEL}
+    for level, f in features[0.0].items():
+        torch.testing.assert_close(features[2.0][level], f, rtol=0, atol=0)
+    expected = normalise_features({0: module.encode(batch.images)}, "instance")[0]
+    torch.testing.assert_close(features[2.0][LATENT_LEVEL], expected)
+    assert module.level_weights[LATENT_LEVEL] == 2.0
+    with pytest.raises(ValueError, match="latent_weight"):
+        VSADModule(image_size=64, attention_dim=16, num_heads=2, latent_weight=-1.0)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"How many categories, or comma-separated names from {', '.join(CATEGORIES)}.",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples-train", type=int, default=24, help="Normal training samples.")
+    parser.add_argument("--samples-train", type=int, default=80, help="Normal training samples.")
     parser.add_argument("--samples-test", type=int, default=24, help="Test samples.")
     parser.add_argument(
         "--anomaly-fraction", type=float, default=0.5, help="Fraction of anomalous test samples."

@@ -26,6 +26,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+LATENT_LEVEL = -1
+"""Feature-level key of the encoder's latent ``z_v`` itself, scored next to the U-Net's decoder
+levels when ``model.latent_weight > 0``. Decoder levels are up-block indices ``>= 0``, so the
+key never clashes with one."""
+
 ModelFn = Callable[[Tensor, int], Tensor]
 """``(z_t, t) -> ε̂``: the noise estimate of latents at integer timestep ``t``."""
 

@@ -24,7 +24,12 @@ from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.models.backbones import build_backbone
-from vsad_lightning.models.features import FeatureExtractor, FeatureNorm, normalise_features
+from vsad_lightning.models.features import (
+    LATENT_LEVEL,
+    FeatureExtractor,
+    FeatureNorm,
+    normalise_features,
+)
 from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.objective import diffusion_objective
 from vsad_lightning.models.scoring import score_features
@@ -96,6 +101,12 @@ class VSADModule(L.LightningModule):
             or ``noise`` (deterministic forward noising with ``feature_seed``).
         t_star, inversion_steps, feature_seed: see ``feature_mode``.
         level_weights: ``w_l`` in the pixel score, one per feature level (default: all 1).
+        latent_weight: ``w`` of one extra level, the encoder's latent ``z_v`` itself (key
+            ``LATENT_LEVEL``); 0 (default, the paper) leaves it out. The U-Net's features
+            describe a position through its context; the latent keeps the fine local detail
+            (with the tiny backbone's pixel-unshuffle encoder, the raw 4x4 pixel patch), which
+            catches small, low-contrast defects. It gets the same ``feature_norm`` and bank
+            mode as the other levels. Measured in ``benchmarks/results/accuracy.md``.
         sigma: Gaussian smoothing of the anomaly maps, in image pixels.
         knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``; same results.
         feature_norm: ``none | instance | l2``, applied to bank and test features alike
@@ -138,6 +149,7 @@ class VSADModule(L.LightningModule):
         inversion_steps: int = 5,
         feature_seed: int = 0,
         level_weights: Sequence[float] | None = None,
+        latent_weight: float = 0.0,
         sigma: float = 4.0,
         knn_backend: Literal["auto", "torch", "faiss", "pruned"] = "auto",
         feature_norm: FeatureNorm = "none",
@@ -178,6 +190,8 @@ class VSADModule(L.LightningModule):
         self.feature_extractor = FeatureExtractor(
             mode=feature_mode, t_star=t_star, num_steps=inversion_steps, seed=feature_seed
         )
+        if latent_weight < 0:
+            raise ValueError(f"latent_weight must be >= 0, got {latent_weight}")
         if bank_mode not in ("global", "positional"):
             raise ValueError(f"bank_mode must be 'global' or 'positional', got {bank_mode!r}")
         if positional_radius < 0:
@@ -203,7 +217,10 @@ class VSADModule(L.LightningModule):
     @property
     def level_weights(self) -> dict[int, float]:
         weights = self.hparams.level_weights or [1.0] * len(self.feature_levels)
-        return {level: float(w) for level, w in zip(self.feature_levels, weights, strict=True)}
+        out = {level: float(w) for level, w in zip(self.feature_levels, weights, strict=True)}
+        if self.hparams.latent_weight > 0:
+            out[LATENT_LEVEL] = float(self.hparams.latent_weight)
+        return out
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -340,7 +357,8 @@ class VSADModule(L.LightningModule):
     # ----------------------------------------------------------------------------- features
     @torch.no_grad()
     def extract_features(self, batch: MultiViewBatch) -> dict[int, Tensor]:
-        """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (DESIGN.md, Inference)."""
+        """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (DESIGN.md, Inference), plus the
+        latent itself under ``LATENT_LEVEL`` when ``latent_weight > 0``."""
         latents = self.encode(batch.images)
         features = self.feature_extractor(
             self.unet,
@@ -351,6 +369,8 @@ class VSADModule(L.LightningModule):
             batch.neighbour_mask,
             self.noise_scheduler.alphas_cumprod,
         )
+        if self.hparams.latent_weight > 0:
+            features[LATENT_LEVEL] = latents
         return normalise_features(features, self.hparams.feature_norm)
 
     @torch.no_grad()
