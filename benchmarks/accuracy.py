@@ -203,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             # Identical to a variant already run (same config, same seeds): its rows.
             print(f"{name:>16}: the same run as {same_as[key]}", flush=True)
             results[f"{name} (= {same_as[key]})"] = results[same_as[key]]
-            continue
-        same_as[key] = name
-        results[name] = run_variant(name, base, data, categories, runs, args.reuse)
+        else:
+            same_as[key] = name
+            results[name] = run_variant(name, base, data, categories, runs, args.reuse)
         minutes = (time.perf_counter() - start) / 60
-        command = " ".join(["python benchmarks/accuracy.py", *(argv or [])])
+        command = " ".join(
+            ["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]
+        )
         header = (
             f"# Accuracy ablations\n\n`{command}` on {cpu_model()}, {scale} scale "
             f"({size} px renders), config `{args.config}` + `{' '.join(extra)}`, categories "
