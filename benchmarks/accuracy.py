@@ -134,8 +134,10 @@ def bar_chart(results: dict[str, list[dict]], path: Path) -> None:
     colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214)]  # BGR
     names = list(results)
     group, bar, left, top, height = 18 + 14 * len(SHOWN), 14, 70, 40, 300
-    width = left + group * len(names) + 20
-    image = np.full((top + height + 130, width, 3), 255, np.uint8)
+    # Wide enough for the bars and for the legend (150 px per metric).
+    width = max(left + group * len(names) + 20, left + 150 * len(SHOWN))
+    # Room below the axis for the rotated 120 px labels that start 12 px under it.
+    image = np.full((top + height + 12 + 120 + 8, width, 3), 255, np.uint8)
     for tick in np.linspace(0, 1, 6):
         y = int(top + height * (1 - tick))
         cv2.line(image, (left - 5, y), (width - 10, y), (220, 220, 220), 1)
