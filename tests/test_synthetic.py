@@ -199,9 +199,10 @@ def test_generation_is_fast_at_the_defaults():
     start = time.perf_counter()
     data = generate_category("brick", seed=0)
     elapsed = time.perf_counter() - start
-    assert len(data.train) == 24 and len(data.test) == 24 and data.image_size == 128
+    assert len(data.train) == 80 and len(data.test) == 24 and data.image_size == 128
     assert sum(s.is_anomalous for s in data.test) == 12
-    # The brief asks < 5 s per category; this machine is shared, so allow some slack.
+    # The brief asks < 5 s per category (measured about 4 s for 104 samples); this machine is
+    # shared, so allow some slack.
     assert elapsed < 10.0, elapsed
 
 
