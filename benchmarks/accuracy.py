@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: dict[str, list[dict]] = {}
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = args.work / f"runs_{scale}"
+    command = " ".join(["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     same_as: dict[tuple[str, ...], str] = {}  # effective overrides -> the variant that ran them
     for name in args.variants:
-        runs = args.work / f"runs_{scale}"
         key = tuple(effective_overrides(name, Path(args.config)))
         if key in same_as:
             # Identical to a variant already run (same config, same seeds): its rows.
@@ -209,9 +210,6 @@ def main(argv: list[str] | None = None) -> int:
             same_as[key] = name
             results[name] = run_variant(name, base, data, categories, runs, args.reuse)
         minutes = (time.perf_counter() - start) / 60
-        command = " ".join(
-            ["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]
-        )
         header = (
             f"# Accuracy ablations\n\n`{command}` on {cpu_model()}, {scale} scale "
             f"({size} px renders), config `{args.config}` + `{' '.join(extra)}`, categories "
