@@ -67,6 +67,8 @@ VARIANTS: dict[str, list[str]] = {
     "global_bank": ["--model.bank_mode", "global"],
     "no_norm": ["--model.feature_norm", "none"],
     "no_latent": ["--model.latent_weight", "0.0"],
+    # Does alignment help where the score rests on the U-Net levels alone?
+    "no_latent_mvam_off": ["--model.latent_weight", "0.0", "--model.use_mvam", "false"],
 }  # fmt: skip
 FINDINGS = Path(__file__).with_name("accuracy_findings.md")
 SHOWN = ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro")
@@ -213,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         header = (
             f"# Accuracy ablations\n\n`{command}` on {cpu_model()}, {scale} scale "
             f"({size} px renders), config `{args.config}` + `{' '.join(extra)}`, categories "
-            f"{categories}, data seed {args.seed}; {minutes:.1f} min for the runs below "
-            f"({len(results)} of {len(args.variants)} variants)."
+            f"{categories}, data seed {args.seed}; this invocation took {minutes:.1f} min "
+            f"({len(results)} of {len(args.variants)} variants; runs kept by --reuse cost "
+            f"nothing here, about 8 min per variant on a quiet machine)."
         )
         table = markdown(results, categories, header)
         if FINDINGS.is_file():

@@ -275,5 +275,10 @@ def test_latent_weight_adds_the_latent_as_one_more_level(synthetic_root_cached):
     expected = normalise_features({0: module.encode(batch.images)}, "instance")[0]
     torch.testing.assert_close(features[2.0][LATENT_LEVEL], expected)
     assert module.level_weights[LATENT_LEVEL] == 2.0
+    # A bank fitted without the latent (a checkpoint of latent_weight 0) is refused by name.
+    for level, f in features[0.0].items():
+        module.memory_bank.set_level(level, f.permute(0, 1, 3, 4, 2).reshape(-1, f.shape[2]))
+    with pytest.raises(ValueError, match=r"missing \[-1\].*latent_weight 0"):
+        module.score(batch)
     with pytest.raises(ValueError, match="latent_weight"):
         VSADModule(image_size=64, attention_dim=16, num_heads=2, latent_weight=-1.0)

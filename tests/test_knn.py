@@ -11,6 +11,8 @@ from vsad_lightning.models.knn import (
     faiss_available,
     nearest_distance,
     nearest_neighbour,
+    projected_search,
+    projection_pays,
     pruned_search,
     resolve_backend,
 )
@@ -144,8 +146,8 @@ def test_bad_inputs_are_rejected():
 
 
 def test_auto_backend_resolution():
-    expected = "faiss" if faiss_available() else "torch"
-    assert resolve_backend("auto", torch.device("cpu")) == expected
+    # faiss only when asked for: the torch search measured faster on the CPU (README).
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
     assert resolve_backend("torch", torch.device("cpu")) == "torch"
 
@@ -231,8 +233,114 @@ def test_pruned_cache_follows_in_place_changes(monkeypatch):
 
 def test_pruned_backend_is_explicit_only():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) in ("torch", "faiss")
+    assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
     assert resolve_backend("pruned", cpu) == "pruned"
     with pytest.raises(ValueError, match="pruned"):
         resolve_backend("bogus", cpu)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ projected search
+def low_rank_data(seed: int, num_bank: int = 12_000, dim: int = 256, offset: float = 0.0):
+    """Rows near a 16-dimensional subspace (a steep spectrum, like the measured features)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(16, dim, generator=g)
+
+    def rows(n: int) -> torch.Tensor:
+        return torch.randn(n, 16, generator=g) @ basis + 0.05 * torch.randn(n, dim, generator=g)
+
+    bank = rows(num_bank) + offset
+    bank[-200:] = bank[:200]  # duplicate rows: ties
+    queries = torch.cat(
+        [
+            bank[1000:1100].clone(),  # exact bank rows
+            bank[2000:2100] + 1e-3 * torch.randn(100, dim, generator=g),  # near-duplicates
+            rows(300) + offset,
+            3.0 * rows(100) + offset,  # far from everything
+        ]
+    )
+    return queries, bank
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_projected_search_is_exact_and_compares_few_pairs(offset):
+    queries, bank = low_rank_data(seed=10, offset=offset)
+    distances, index, compared = projected_search(queries, bank)
+    torch.testing.assert_close(distances.double(), brute_force(queries, bank), rtol=1e-5, atol=1e-5)
+    assert torch.equal(distances[:100], torch.zeros(100))
+    brute_distances, brute_index = nearest_neighbour(queries, bank, backend="torch")
+    assert torch.equal(distances, brute_distances)
+    assert torch.equal(bank[index], bank[brute_index])
+    # 16 + 2 of 256 dimensions searched; the bound must spare almost every full comparison.
+    assert knn._projection_index(bank).basis.shape[1] <= 20
+    assert compared < 0.01, compared
+
+
+def test_projected_search_small_budgets_tiny_banks_and_weak_blocks(monkeypatch):
+    queries, bank = low_rank_data(seed=11)
+    full = nearest_distance(queries, bank, backend="projected")
+    assert torch.equal(
+        nearest_distance(queries, bank, backend="projected", max_chunk_bytes=200_000), full
+    )
+    # Every block with a survivor searched by the brute-force expansion instead.
+    monkeypatch.setattr(knn, "_SURVIVOR_FALLBACK_FRACTION", 0.0)
+    monkeypatch.setattr(knn, "_PROJECTED_BANK_CHUNK", 1000)
+    brute_calls = []
+    brute = knn._argmin_torch
+    monkeypatch.setattr(knn, "_argmin_torch", lambda *a: brute_calls.append(1) or brute(*a))
+    torch.testing.assert_close(
+        nearest_distance(queries, bank.clone(), backend="projected"), full, rtol=1e-6, atol=0.0
+    )
+    assert len(brute_calls) > 0
+    for rows in (1, 5, 300):
+        torch.testing.assert_close(
+            nearest_distance(queries, bank[:rows].clone(), backend="projected").double(),
+            brute_force(queries, bank[:rows]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_projected_search_falls_back_on_a_flat_spectrum():
+    g = torch.Generator().manual_seed(12)
+    bank = torch.randn(6000, 64, generator=g)  # isotropic: 99 % of the variance needs ~63 dims
+    queries = torch.randn(300, 64, generator=g)
+    distances, _, compared = projected_search(queries, bank)
+    assert compared == 1.0 and knn._projection_index(bank).basis is None
+    assert torch.equal(distances, nearest_distance(queries, bank, backend="torch"))
+
+
+def test_projected_cache_follows_in_place_changes_and_half_banks():
+    queries, bank = low_rank_data(seed=13)
+    nearest_distance(queries, bank, backend="projected")
+    bank[:6000] = bank[6000:].flip(0) * 2.0 + 0.25
+    torch.testing.assert_close(
+        nearest_distance(queries, bank, backend="projected").double(),
+        brute_force(queries, bank),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    half = bank.half()
+    torch.testing.assert_close(
+        nearest_distance(queries, half, backend="projected").double(),
+        brute_force(queries, half.float()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_auto_takes_the_projected_search_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(knn, "_PROJECTED_MIN_ROWS", 5000)
+    queries, steep = low_rank_data(seed=14)
+    flat = torch.randn(6000, 64, generator=torch.Generator().manual_seed(15))
+    assert projection_pays(steep) and not projection_pays(flat)
+    assert not projection_pays(steep[:4000].clone())  # too small to be worth an index
+    used = []
+    projected = knn._argmin_projected
+    monkeypatch.setattr(knn, "_argmin_projected", lambda *a: used.append(1) or projected(*a))
+    torch.testing.assert_close(
+        nearest_distance(queries, steep).double(), brute_force(queries, steep), rtol=1e-5, atol=1e-5
+    )
+    assert used == [1]
+    nearest_distance(queries[:, :64].contiguous(), flat)
+    assert used == [1]  # the flat bank went to the torch search

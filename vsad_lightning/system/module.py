@@ -108,7 +108,9 @@ class VSADModule(L.LightningModule):
             catches small, low-contrast defects. It gets the same ``feature_norm`` and bank
             mode as the other levels. Measured in ``benchmarks/results/accuracy.md``.
         sigma: Gaussian smoothing of the anomaly maps, in image pixels.
-        knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``; same results.
+        knn_backend: ``auto`` (the exact projected search on large CPU banks with a steep
+            spectrum, else ``torch``), ``torch``, ``faiss``, ``pruned`` or ``projected``; all
+            exact, the same distances (``vsad_lightning.models.knn``).
         feature_norm: ``none | instance | l2``, applied to bank and test features alike
             (``vsad_lightning.models.features.normalise_features``).
         bank_mode: ``global`` (the paper: every query against the whole bank of its level) or
@@ -151,7 +153,7 @@ class VSADModule(L.LightningModule):
         level_weights: Sequence[float] | None = None,
         latent_weight: float = 0.0,
         sigma: float = 4.0,
-        knn_backend: Literal["auto", "torch", "faiss", "pruned"] = "auto",
+        knn_backend: Literal["auto", "torch", "faiss", "pruned", "projected"] = "auto",
         feature_norm: FeatureNorm = "none",
         bank_mode: Literal["global", "positional"] = "global",
         positional_radius: int = 2,
@@ -379,6 +381,19 @@ class VSADModule(L.LightningModule):
             raise RuntimeError(
                 "the memory bank is empty: fit the model (MemoryBankCallback builds the bank at "
                 "fit end) or load a checkpoint written after fit"
+            )
+        missing = sorted(set(self.level_weights) - set(self.memory_bank.levels))
+        if missing:
+            # A checkpoint's bank holds the levels of the config it was fitted with.
+            hint = (
+                f" (level {LATENT_LEVEL} is the encoder latent that model.latent_weight > 0 "
+                f"scores: fit with latent_weight > 0, or test with model.latent_weight 0)"
+                if LATENT_LEVEL in missing
+                else " (model.feature_levels must match the fitted model's)"
+            )
+            raise ValueError(
+                f"the memory bank has levels {self.memory_bank.levels} but this model scores "
+                f"levels {sorted(self.level_weights)}: missing {missing}{hint}"
             )
         features = self.extract_features(batch)
         out = score_features(
