@@ -18,15 +18,20 @@ scoring), split into the stages it runs in order:
 
 Configurations:
 
-* ``tiny``: ``configs/demo.yaml``'s model section as it is (the embedded default), at each size.
+* ``tiny``: ``configs/demo.yaml``'s model section as it is (the embedded default), at each size,
+  scoring included: its positional bank, its latent level (``latent_weight``) and its
+  ``feature_norm``.
 * ``sd2``: Stable Diffusion 2 base's U-Net layout and widths (320/640/1280/1280, cross-attention
   1024, a zero prompt) and its VAE layout (128/256/512/512, 4 latent channels, scaling
   0.18215), random weights (nothing is downloaded), with VSADModule's defaults: levels
   ``[-2, -1]``, attention_dim 64, t* = 200, 5 inversion steps.
 
-The banks are random rows of ``--bank-rows`` per level (default: a 1% coreset of a Real-IAD
-category, 250 samples x 5 views x h x w x 0.01; benchmarks/bank_scale.py); the exact search's
-cost does not depend on the values, and it grows linearly with N (benchmarks/knn.py).
+The banks are random rows: a global bank gets ``--bank-ratio`` of a Real-IAD category's
+features per level (default: a 1% coreset, 250 samples x 5 views x h x w x 0.01;
+benchmarks/bank_scale.py), a positional bank every feature map of the 250 samples (it has no
+coreset). The brute-force search's cost does not depend on the values and grows linearly with N
+(benchmarks/knn.py); random rows have a flat spectrum, so ``auto`` never takes the projected
+search here.
 Weights are random too: latency does not depend on their values.
 
 Timing: ``--warmup`` untimed samples (default 1), then the median of ``--repeats`` samples
@@ -145,6 +150,10 @@ class Pipeline:
         )
         self.sigma = model["sigma"]
         self.backend = model["knn_backend"]
+        # The config's scoring options (configs/demo.yaml sets all three; sd2: the defaults).
+        self.latent_weight = float(model.get("latent_weight", 0.0))
+        self.feature_norm = model.get("feature_norm", "none")
+        self.radius = model["positional_radius"] if model.get("bank_mode") == "positional" else None
         self.homographies = level_homographies(1, VIEWS, image, image).to(device)
         self.mask = neighbour_mask("top_and_ring", VIEWS).to(device)
         self.images = torch.rand(1, VIEWS, 3, image, image, device=device)
@@ -153,14 +162,22 @@ class Pipeline:
         self.bank_rows: dict[int, tuple[int, int]] = {}
 
     def _ensure_bank(self, features: dict) -> None:
-        """Random banks of the projected size, shaped by the first sample's features."""
+        """Random banks of the projected size, shaped by the first sample's features.
+
+        A positional bank keeps every training feature map (no coreset: whole maps of all
+        ``TRAIN_SAMPLES``); a global one ``bank_ratio`` of the rows (a coreset's size).
+        """
         if self.bank_rows:
             return
         generator = torch.Generator().manual_seed(0)
         for level, feats in features.items():
             _, _, channels, h, w = feats.shape
-            rows = max(1, round(TRAIN_SAMPLES * VIEWS * h * w * self.bank_ratio))
-            self.bank.set_level(level, torch.randn(rows, channels, generator=generator))
+            if self.radius is not None:
+                rows, grid = TRAIN_SAMPLES * VIEWS * h * w, (VIEWS, h, w)
+            else:
+                rows, grid = max(1, round(TRAIN_SAMPLES * VIEWS * h * w * self.bank_ratio)), None
+            bank = torch.randn(rows, channels, generator=generator)
+            self.bank.set_level(level, bank, grid=grid)
             self.bank_rows[level] = (rows, channels)
 
     def autocast(self):
@@ -185,6 +202,7 @@ class Pipeline:
     @torch.no_grad()
     def sample(self) -> dict[str, float]:
         """One sample through every stage: seconds per stage."""
+        from vsad_lightning.models.features import LATENT_LEVEL, normalise_features
         from vsad_lightning.models.scoring import (
             anomaly_maps,
             level_distance_maps,
@@ -212,14 +230,22 @@ class Pipeline:
                 self.scheduler.config.prediction_type,
             )
             start = mark("inversion", start)
-            features = self.run(z_star, self.extractor.t_star, True).features
+            features = dict(self.run(z_star, self.extractor.t_star, True).features)
+            if self.latent_weight > 0:
+                features[LATENT_LEVEL] = latents  # model.latent_weight: one more level
+            features = {level: f.float() for level, f in features.items()}
+            features = normalise_features(features, self.feature_norm)
             start = mark("features", start)
-        features = {level: f.float() for level, f in features.items()}
         self._ensure_bank(features)  # first sample only; not timed
         start = time.perf_counter()
-        distances = level_distance_maps(self.bank, features, backend=self.backend)
+        distances = level_distance_maps(
+            self.bank, features, backend=self.backend, positional_radius=self.radius
+        )
         start = mark("knn", start)
-        maps = anomaly_maps(distances, (self.image, self.image), sigma=self.sigma)
+        weights = {level: 1.0 for level in distances}
+        if LATENT_LEVEL in weights:
+            weights[LATENT_LEVEL] = self.latent_weight
+        maps = anomaly_maps(distances, (self.image, self.image), weights, sigma=self.sigma)
         sample_scores(view_scores(maps)).cpu()
         mark("post", start)
         return times
@@ -278,15 +304,15 @@ def main() -> None:
         f"Generated by `{command}` on **{hw}**, torch {torch.__version__}, dtype {args.dtype}, "
         f"load average {os.getloadavg()[0]:.1f} at the start. Median of {args.repeats} samples "
         "after the warm-up samples in the table; random weights (latency does not depend on "
-        f"them); banks of {args.bank_ratio:g} x 250 samples x 5 views x h x w random rows per "
-        "level.\n"
+        f"them); random banks: global ones of {args.bank_ratio:g} x 250 samples x 5 views x h x w "
+        "rows per level (a coreset), positional ones of all 250 samples' feature maps.\n"
     )
     say(
-        "| config | image | U-Net passes | warm-up samples | bank rows per level (N x C) | "
+        "| config | image | U-Net passes | warm-up samples | bank | bank rows per level (N x C) | "
         + " | ".join(f"{s} s" for s in STAGES)
         + " | total s | samples/s |"
     )
-    say("|---|---|---|---|---|" + "---|" * (len(STAGES) + 2))
+    say("|---|---|---|---|---|---|" + "---|" * (len(STAGES) + 2))
     for config in args.configs:
         for image in args.sizes:
             parts, model = (tiny_parts if config == "tiny" else sd2_parts)(image)
@@ -300,8 +326,11 @@ def main() -> None:
             total = sum(medians.values())
             passes = (model["inversion_steps"] if model["feature_mode"] == "inversion" else 0) + 1
             banks = ", ".join(f"{n:,}x{c}" for n, c in pipeline.bank_rows.values())
+            bank_kind = (
+                f"positional r={pipeline.radius}" if pipeline.radius is not None else "global"
+            ) + (f", latent x{pipeline.latent_weight:g}" if pipeline.latent_weight > 0 else "")
             say(
-                f"| {config} | {image} | {passes} | {warmup} | {banks} | "
+                f"| {config} | {image} | {passes} | {warmup} | {bank_kind} | {banks} | "
                 + " | ".join(f"{medians[s]:.3f}" for s in STAGES)
                 + f" | {total:.3f} | {1 / total if total > 0 else math.inf:.3f} |"
             )
