@@ -747,7 +747,8 @@ def _argmin_projected(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> tu
     Cost: ``2 Q N (r + 2)`` flops and one pass over each block, instead of ``2 Q N (D + 1)``,
     plus ``4 D`` per compared pair. If a block lets more than ``_SURVIVOR_FALLBACK_FRACTION``
     of its pairs through (a weak bound on this data), its queries meet that bank chunk by the
-    brute-force expansion instead.
+    brute-force expansion instead. Extra memory: the index (``N (r + 2)`` floats) plus about
+    twice ``max_chunk_bytes`` (the block of bounds and the rows of its open queries).
 
     Returns the argmin and the number of (query, row) pairs compared in ``D`` dimensions.
     """
@@ -774,7 +775,7 @@ def _argmin_projected(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> tu
     gamma = 2.0 * (width + 4) * _UNIT_ROUNDOFF
     upper_factor = 1.0 + (dim + 2) * _UNIT_ROUNDOFF
     block = torch.empty(q_chunk * n_chunk, device=device)
-    pair_step = max(1, max_chunk_bytes // (4 * dim))
+    pair_step = max(1, max_chunk_bytes // (8 * dim))  # gathered query and bank rows
     for q0 in range(0, num_queries, q_chunk):
         centred = queries[q0 : q0 + q_chunk] - stats.mean
         q = centred.shape[0]
@@ -789,9 +790,15 @@ def _argmin_projected(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> tu
         slack = 8.0 * dim * _UNIT_ROUNDOFF * (centred.norm(dim=1) + index.max_centred_norm)
         best_v = best_value[q0 : q0 + q]
         best_i = best_index[q0 : q0 + q]
-        # 1. Seed U with the lowest-bound row of the sample.
-        candidate = seed_rows[(coords @ seed_coords.T).argmin(dim=1)]
-        _update_best(centred, every, candidate, bank, stats.mean, best_v, best_i)
+        # 1. Seed U with the lowest-bound row of the sample (blocks within the budget).
+        seed_step = max(1, max_chunk_bytes // (4 * seed_rows.numel()))
+        candidate = torch.cat(
+            [
+                (coords[i : i + seed_step] @ seed_coords.T).argmin(dim=1)
+                for i in range(0, q, seed_step)
+            ]
+        )
+        _update_best(centred, every, seed_rows[candidate], bank, stats.mean, best_v, best_i)
         compared += q
         # 2. Every bank chunk: the rows whose bound does not exceed U.
         for n0 in range(0, num_bank, n_chunk):
