@@ -36,13 +36,15 @@ recomputation; extra memory ``max_chunk_bytes + O(Q D)`` (the augmented queries)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+_T = TypeVar("_T")
 
 KnnBackend = Literal["auto", "torch", "faiss", "pruned", "projected"]
 
@@ -197,7 +199,6 @@ def _check_inputs(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> None:
 class _BankStats:
     """Per-bank constants of the torch search, cached per bank tensor (see ``_bank_stats``)."""
 
-    version: int
     mean: Tensor  # (D,) float32
     centred_sq_norms: Tensor  # (N,) float32, |b - mean|^2
 
@@ -214,16 +215,27 @@ def _version(tensor: Tensor) -> int | None:
         return None
 
 
-def _bank_stats(bank: Tensor) -> _BankStats:
-    """Mean and centred squared norms of the bank, computed once per bank object.
-
-    Keyed by the tensor's identity and invalidated by its in-place version counter, so a bank
-    overwritten in place (``load_state_dict`` copies into the buffer) is recomputed.
-    """
+def _per_bank(cache: WeakIdKeyDictionary, bank: Tensor, build: Callable[[], _T]) -> _T:
+    """``build()`` once per bank object: cached by the tensor's identity and invalidated by its
+    in-place version counter, so a bank overwritten in place (``load_state_dict`` copies into
+    the buffer) is rebuilt. Inference tensors have no counter and are never cached."""
     version = _version(bank)
-    cached = _STATS_CACHE.get(bank) if version is not None else None
-    if cached is not None and cached.version == version:
-        return cached
+    if version is not None:
+        entry = cache.get(bank)
+        if entry is not None and entry[0] == version:
+            return entry[1]
+    value = build()
+    if version is not None:
+        cache[bank] = (version, value)
+    return value
+
+
+def _bank_stats(bank: Tensor) -> _BankStats:
+    """Mean and centred squared norms of the bank, computed once per bank (``_per_bank``)."""
+    return _per_bank(_STATS_CACHE, bank, lambda: _build_bank_stats(bank))
+
+
+def _build_bank_stats(bank: Tensor) -> _BankStats:
     num_rows = bank.shape[0]
     # The mean only centres the data (any nearby point would do; distances do not depend on
     # it): float32 sums per chunk, accumulated in float64 across the (up to millions of) rows.
@@ -234,10 +246,7 @@ def _bank_stats(bank: Tensor) -> _BankStats:
     norms = torch.empty(num_rows, device=bank.device)
     for i, centred in _centred_chunks(bank, mean):
         torch.linalg.vector_norm(centred, dim=1, out=norms[i : i + centred.shape[0]])
-    stats = _BankStats(version if version is not None else -1, mean, norms.square_())
-    if version is not None:
-        _STATS_CACHE[bank] = stats
-    return stats
+    return _BankStats(mean, norms.square_())
 
 
 def _argmin_torch(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> Tensor:
@@ -280,16 +289,13 @@ def _faiss_index(bank: Tensor, mean: Tensor):
     """
     import faiss
 
-    version = _version(bank)
-    cached = _FAISS_CACHE.get(bank) if version is not None else None
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    index = faiss.IndexFlatL2(bank.shape[1])
-    for _, centred in _centred_chunks(bank.detach().cpu(), mean):
-        index.add(centred.numpy())
-    if version is not None:
-        _FAISS_CACHE[bank] = (version, index)
-    return index
+    def build():
+        index = faiss.IndexFlatL2(bank.shape[1])
+        for _, centred in _centred_chunks(bank.detach().cpu(), mean):
+            index.add(centred.numpy())
+        return index
+
+    return _per_bank(_FAISS_CACHE, bank, build)
 
 
 def _argmin_faiss(queries: Tensor, bank: Tensor) -> Tensor:
@@ -362,7 +368,6 @@ class _ClusterIndex:
     All coordinates are centred on the bank mean (``_BankStats.mean``).
     """
 
-    version: int
     centroids: Tensor  # (K, D) float32
     centroid_sq_norms: Tensor  # (K,)
     radii: Tensor  # (K,) upper bound of |(b - mean) - centroid| over the cluster's rows
@@ -391,10 +396,10 @@ def _cluster_index(bank: Tensor) -> _ClusterIndex:
     assignment. Build cost about ``2 N K D`` flops; memory ``O(N + K D)`` besides the sample
     (no copy of the bank: rows are gathered per cluster at search time).
     """
-    version = _version(bank)
-    cached = _CLUSTER_CACHE.get(bank) if version is not None else None
-    if cached is not None and cached.version == version:
-        return cached
+    return _per_bank(_CLUSTER_CACHE, bank, lambda: _build_cluster_index(bank))
+
+
+def _build_cluster_index(bank: Tensor) -> _ClusterIndex:
     stats = _bank_stats(bank)
     num_rows, dim = bank.shape
     device = bank.device
@@ -433,17 +438,13 @@ def _cluster_index(bank: Tensor) -> _ClusterIndex:
     # bound; blocked BLAS sums do better): round every radius up by that.
     radii.mul_(1.0 + (dim + 2) * _UNIT_ROUNDOFF)
     offsets = [0, *torch.cumsum(counts, 0).tolist()]
-    index = _ClusterIndex(
-        version=version if version is not None else -1,
+    return _ClusterIndex(
         centroids=centroids,
         centroid_sq_norms=centroids.square().sum(1),
         radii=radii,
         order=torch.argsort(assign, stable=True),
         offsets=offsets,
     )
-    if version is not None:
-        _CLUSTER_CACHE[bank] = index
-    return index
 
 
 def _update_centroids(centroids: Tensor, points: Tensor, assign: Tensor) -> None:
@@ -464,11 +465,18 @@ def pruned_search(
     the bounds saved otherwise (benchmarks/knn.py reports it). Same exact results as the
     brute-force search.
     """
+    return _search_counting_pairs(_argmin_pruned, queries, bank, max_chunk_bytes)
+
+
+def _search_counting_pairs(
+    argmin, queries: Tensor, bank: Tensor, max_chunk_bytes: int
+) -> tuple[Tensor, Tensor, float]:
+    """Distances, indices and compared-pair fraction of an ``argmin -> (index, pairs)`` search."""
     _check_inputs(queries, bank, max_chunk_bytes)
     queries = queries.float()
-    index, visited = _argmin_pruned(queries, bank, max_chunk_bytes)
+    index, pairs = argmin(queries, bank, max_chunk_bytes)
     total = max(1, queries.shape[0] * bank.shape[0])
-    return _exact_distance(queries, bank, index), index, visited / total
+    return _exact_distance(queries, bank, index), index, pairs / total
 
 
 def _argmin_pruned(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> tuple[Tensor, float]:
@@ -635,7 +643,6 @@ class _ProjectionIndex:
     the augmented form of ``_argmin_torch``, so one GEMM gives ``|z_b|^2 - 2 z_a . z_b``.
     """
 
-    version: int
     basis: Tensor | None  # (D, r) float32, orthonormal columns
     bank_coords: Tensor | None  # (N, r + 2) float32
     max_coord_sq_norm: float  # max_b |z_b|^2
@@ -652,10 +659,10 @@ def _projection_index(bank: Tensor) -> _ProjectionIndex:
     ``2 S D^2``); projecting and measuring the residual of all rows costs ``4 N D r``.
     Memory: ``N (r + 2)`` floats.
     """
-    version = _version(bank)
-    cached = _PROJECTION_CACHE.get(bank) if version is not None else None
-    if cached is not None and cached.version == version:
-        return cached
+    return _per_bank(_PROJECTION_CACHE, bank, lambda: _build_projection_index(bank))
+
+
+def _build_projection_index(bank: Tensor) -> _ProjectionIndex:
     stats = _bank_stats(bank)
     num_rows, dim = bank.shape
     max_centred_norm = float(stats.centred_sq_norms.max().sqrt())
@@ -684,16 +691,12 @@ def _projection_index(bank: Tensor) -> _ProjectionIndex:
             torch.sum(z[:, : rank + 1].square(), dim=1, out=z[:, rank + 1])
         max_coord_sq_norm = float(coords[:, rank + 1].max())
         coords[:, : rank + 1].mul_(-2.0)
-    index = _ProjectionIndex(
-        version=version if version is not None else -1,
+    return _ProjectionIndex(
         basis=basis,
         bank_coords=coords,
         max_coord_sq_norm=max_coord_sq_norm,
         max_centred_norm=max_centred_norm,
     )
-    if version is not None:
-        _PROJECTION_CACHE[bank] = index
-    return index
 
 
 def projection_pays(bank: Tensor) -> bool:
@@ -713,11 +716,7 @@ def projected_search(
 ) -> tuple[Tensor, Tensor, float]:
     """``nearest_neighbour(backend="projected")`` plus the fraction of (query, row) pairs whose
     full ``D``-dimensional distance was computed (1.0 when it fell back to brute force)."""
-    _check_inputs(queries, bank, max_chunk_bytes)
-    queries = queries.float()
-    index, compared = _argmin_projected(queries, bank, max_chunk_bytes)
-    total = max(1, queries.shape[0] * bank.shape[0])
-    return _exact_distance(queries, bank, index), index, compared / total
+    return _search_counting_pairs(_argmin_projected, queries, bank, max_chunk_bytes)
 
 
 def _argmin_projected(queries: Tensor, bank: Tensor, max_chunk_bytes: int) -> tuple[Tensor, float]:
