@@ -12,8 +12,8 @@ SIZE = 32
 
 
 def _translations(shifts: list[tuple[float, float]]) -> torch.Tensor:
-    """``(1, V, V, 3, 3)``: view ``v`` sees the plane shifted by ``shifts[v]``, so a plane point
-    at ``x`` appears at ``x + shifts[v]`` and ``H[v, u]`` translates by ``shifts[u] - shifts[v]``."""
+    """``(1, V, V, 3, 3)``: view ``v`` sees the plane shifted by ``shifts[v]``: a plane point
+    at ``x`` appears at ``x + shifts[v]``; ``H[v, u]`` translates by ``shifts[u] - shifts[v]``."""
     V = len(shifts)
     H = torch.eye(3).repeat(1, V, V, 1, 1)
     for v in range(V):
