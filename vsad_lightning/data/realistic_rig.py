@@ -391,8 +391,10 @@ class RealisticMultiView:
         self.rig = rig or RealisticRig()
         self.texture_size = T = 2 * n  # n texels per world unit over the part [-1, 1]
         loader, tint, crop = _REALISTIC_TEXTURES[category]
-        self._source = prepare_texture(loader(), tint) if texture is None else texture
-        self._crop = 1.0 if texture is not None else crop
+        self._texture, self._jitter = self._base_texture(
+            prepare_texture(loader(), tint) if texture is None else texture,
+            1.0 if texture is not None else crop,
+        )
         # Part coordinates of the texel centres; the texture's rows go towards -v.
         c = (np.arange(T) + 0.5) * 2 / T - 1
         self._u, self._v = c[None, :], -c[:, None]
@@ -413,7 +415,7 @@ class RealisticMultiView:
         self._table_warps = [supersampled_matrix(k) for k in self._table_to_view]
         self._outline = _outline_points()
         self._centres, _ = self.rig.centres_and_targets()
-        self._mean_colour = self._source.reshape(-1, 3).mean(0)
+        self._mean_colour = self._texture.reshape(-1, 3).mean(0).astype(np.float32)
         # Fixed per camera: vignetting (cos^4-like falloff towards the corners).
         g = (np.arange(n) + 0.5) / n - 0.5
         r2 = (g[None, :] ** 2 + g[:, None] ** 2) / 0.5
@@ -454,18 +456,26 @@ class RealisticMultiView:
 
     # -- part content
 
+    def _base_texture(self, source: np.ndarray, crop: float) -> tuple[np.ndarray, int]:
+        """The central square ``crop`` of ``source`` resized to ``T`` texels, plus a margin of
+        ``J`` texels on every side (cut from the photograph around the crop) for the
+        per-instance jitter: ``(T + 2J, T + 2J, 3)`` float32 and ``J``."""
+        T = self.texture_size
+        jitter = T // 128 if crop < 1.0 else 0
+        side = min(source.shape[:2]) * crop
+        src_side = min(int(round(side * (T + 2 * jitter) / T)), min(source.shape[:2]))
+        oy, ox = (np.array(source.shape[:2]) - src_side) // 2
+        region = source[oy : oy + src_side, ox : ox + src_side]
+        size = T + 2 * jitter
+        interp = cv2.INTER_AREA if src_side > size else cv2.INTER_LINEAR
+        return cv2.resize(region, (size, size), interpolation=interp).astype(np.float32), jitter
+
     def _part_texture(self, rng: np.random.Generator) -> np.ndarray:
         """``(T, T, 3)`` float32: the category's surface, with a per-instance jitter of the
-        crop (up to 2 source pixels) and of the colour (+-3 %)."""
-        src = self._source
-        side = int(min(src.shape[:2]) * self._crop)
-        oy, ox = (np.array(src.shape[:2]) - side) // 2
-        if self._crop < 1.0:
-            oy, ox = np.array([oy, ox]) + rng.integers(-2, 3, size=2)
-        crop = src[oy : oy + side, ox : ox + side]
-        T = self.texture_size
-        interp = cv2.INTER_AREA if side > T else cv2.INTER_LINEAR
-        tex = cv2.resize(crop, (T, T), interpolation=interp)
+        crop (up to ``T/128`` texels, about 1 source pixel) and of the colour (+-3 %)."""
+        T, J = self.texture_size, self._jitter
+        oy, ox = J + rng.integers(-J, J + 1, size=2)
+        tex = self._texture[oy : oy + T, ox : ox + T]
         return np.clip(tex * rng.uniform(0.97, 1.03, size=3).astype(np.float32), 0, 1)
 
     def _to_texel(self, uv: np.ndarray) -> np.ndarray:
@@ -501,9 +511,10 @@ class RealisticMultiView:
             points = centre + np.concatenate([[np.zeros(2)], np.cumsum(deltas, axis=0)])
             points = np.clip(points, -0.93, 0.93)
             px = np.round(self._to_texel(points) * (1 << shift)).astype(np.int32)
-            # 1-2 view pixels wide: C1 shows about n/2.6 texels... per world unit, i.e. one
-            # view pixel is about 2.6 texels at the texture's n texels per unit.
-            thickness = max(1, int(round(rng.uniform(2.4, 3.6) * n / 256)))
+            # 1-2 view pixels wide at 256 px: a C1 pixel spans about 2.6 texels at any size
+            # (both scale with n), a side-view pixel about 1.7; 2 texels at least, so that a
+            # scratch stays a connected line at small sizes.
+            thickness = max(2, int(round(rng.uniform(2.6, 4.0) * n / 256)))
             cv2.polylines(canvas, [px], False, 255, thickness, cv2.LINE_8, shift)
             mask = (canvas > 0) & inside
             tone = rng.choice([0.1, 0.92])  # a dark groove or a bright scuff
@@ -635,10 +646,11 @@ class RealisticMultiView:
         wall_shade = rng.uniform(0.35, 0.6, size=V)
         images, masks = {}, {}
         part_plane_to_view = self.rig.plane_to_view(n, plane)
+        rgba = np.concatenate([tex, alpha[:, :, None]], axis=2)  # one warp for both
         for v, view in enumerate(VIEWS):
             warp = supersampled_matrix(part_to_view[v])
-            part = warp_supersampled(tex, warp, n)
-            part_alpha = warp_supersampled(alpha, warp, n)[:, :, None]
+            warped = warp_supersampled(rgba, warp, n)
+            part, part_alpha = warped[:, :, :3], warped[:, :, 3:]
             ground = warp_supersampled(
                 table, self._table_warps[v], n, border_mode=cv2.BORDER_REFLECT
             )
@@ -655,12 +667,13 @@ class RealisticMultiView:
                 0.06 * strength,
             )
             img = ground * (0.55 + 0.6 * t_diffuse) + t_specular
-            img = img * (1 - walls) + walls * (self._mean_colour * wall_shade[v])
+            img = img * (1 - walls) + walls * (self._mean_colour * np.float32(wall_shade[v]))
             lit_part = part * (0.45 + 0.7 * diffuse) + specular
             img = img * (1 - part_alpha) + part_alpha * lit_part
             img = img * self._vignette * (exposure * view_gain[v]).astype(np.float32)
-            noise = rng.normal(0.0, 1.0, size=img.shape) * (1.0 + 3.0 * np.sqrt(np.clip(img, 0, 1)))
-            img = img + noise / 255
+            # Sensor noise: read noise plus shot noise growing with the signal.
+            noise = rng.standard_normal(img.shape, dtype=np.float32)
+            img = img + noise * ((1.0 + 3.0 * np.sqrt(np.clip(img, 0, 1))) / 255)
             images[view] = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
             if defects:
                 m = warp_supersampled(defect_mask.astype(np.float32), warp, n) >= 0.5
@@ -684,11 +697,14 @@ class RealisticMultiView:
         Tt, L = self._table_size, self.table_extent
         px = (footprint[:, 0] + L) * Tt / (2 * L) - 0.5
         py = (L - footprint[:, 1]) * Tt / (2 * L) - 0.5
-        canvas = np.zeros((Tt, Tt), np.float32)
-        pts = np.round(np.stack([px, py], -1) * 16).astype(np.int32)
+        # The shadow is soft: draw and blur it at a quarter of the table's resolution.
+        q = Tt // 4
+        canvas = np.zeros((q, q), np.float32)
+        pts = np.round((np.stack([px, py], -1) + 0.5) / 4 * 16 - 8).astype(np.int32)
         cv2.fillConvexPoly(canvas, pts, 1.0, cv2.LINE_8, 4)
-        shadow = cv2.GaussianBlur(canvas, (0, 0), Tt / (2 * L) * 0.08)
-        return self._table * (1 - 0.55 * shadow)[:, :, None]
+        shadow = cv2.GaussianBlur(canvas, (0, 0), q / (2 * L) * 0.08)
+        shadow = cv2.resize(shadow, (Tt, Tt), interpolation=cv2.INTER_LINEAR)
+        return self._table * (1 - 0.55 * shadow)[:, :, None]  # float32
 
 
 def generate_realistic_category(
