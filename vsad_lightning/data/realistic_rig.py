@@ -10,10 +10,11 @@ puts them back, so that alignment and scoring can be measured and tuned on them:
   the centre towards its own side, so its view ends before the far edge of the part.
 - **Placement.** The part is a plate of height ``part_height`` lying on a table. Every sample
   places it anew (``Placement``): a shift and an in-plane rotation, which move it without
-  changing the homographies its plane induces, plus a tilt of 1-2 deg and a small height
-  change, which do. Each sample's TRUE view-to-view homographies (those of the part's plane)
-  therefore differ from the category's nominal ones (the untilted plane at ``part_height``)
-  by about 1-3 px at 256 px; both are written (``write_category``).
+  changing the homographies its plane induces, plus a tilt of 1.5-2.2 deg and a height change
+  of up to +-0.02 half-widths, which do. Each sample's TRUE view-to-view homographies (those
+  of the part's plane) therefore differ from the category's nominal ones (the untilted plane
+  at ``part_height``) by about 1-3 px at 256 px (median over the part ~1.7 px); both are
+  written (``synthetic.write_category``).
 - **Background.** The table around the part (a low-contrast photograph) is rendered with the
   table plane's homographies, which differ from the part's; the part's outline, its side walls
   and a soft contact shadow move with the placement. Holes show the table through the part.
@@ -34,9 +35,11 @@ Visibility rule (which views have a mask): a view has a mask exactly when at lea
 pixels is at least half covered by the defect (the defect's part-plane mask, warped with the
 same supersampling as the images, thresholded at 0.5). C1 sees the whole part, so every
 anomalous sample has a C1 mask. About half of the defects are placed along one edge, in the
-band ``EDGE_BAND`` of the part's half-width that the side camera opposite that edge does not
-see (its field of view ends at about 0.65-0.7), and near a corner sometimes neither does an
-adjacent one: such NG samples have normal views, as in Real-IAD.
+band ``EDGE_BAND`` (0.8-0.9 of the part's half-width from its centre) that the side camera
+opposite that edge does not see: with the nominal placement its field of view ends at 0.71-0.78
+towards that edge. The side views also end at 0.8-0.96 towards their lateral edges (rolled
+frames), so an adjacent side camera misses some edge defects too. Such NG samples have normal
+views, as in Real-IAD.
 
 Everything is a function of ``(category, seed)``: the same seed writes byte-identical files.
 """
@@ -415,6 +418,7 @@ class RealisticMultiView:
         self._table_warps = [supersampled_matrix(k) for k in self._table_to_view]
         self._outline = _outline_points()
         self._centres, _ = self.rig.centres_and_targets()
+        self._projections = self.rig.projections(n)
         self._mean_colour = self._texture.reshape(-1, 3).mean(0).astype(np.float32)
         # Fixed per camera: vignetting (cos^4-like falloff towards the corners).
         g = (np.arange(n) + 0.5) / n - 0.5
@@ -639,13 +643,13 @@ class RealisticMultiView:
 
         table = self._table_with_shadow(bottom_ring)
         lights = self._lights(rng)
-        shininess = float(rng.uniform(80, 250))
-        strength = rng.uniform(0.3, 1.0, size=len(lights))
+        shininess = float(rng.uniform(100, 300))
+        strength = rng.uniform(0.15, 0.7, size=len(lights))
         exposure = rng.uniform(0.85, 1.15) * rng.uniform(0.93, 1.07, size=3)  # white balance
         view_gain = rng.uniform(0.95, 1.05, size=V)
         wall_shade = rng.uniform(0.35, 0.6, size=V)
         images, masks = {}, {}
-        part_plane_to_view = self.rig.plane_to_view(n, plane)
+        part_plane_to_view = self._projections @ plane
         rgba = np.concatenate([tex, alpha[:, :, None]], axis=2)  # one warp for both
         for v, view in enumerate(VIEWS):
             warp = supersampled_matrix(part_to_view[v])
@@ -654,7 +658,11 @@ class RealisticMultiView:
             ground = warp_supersampled(
                 table, self._table_warps[v], n, border_mode=cv2.BORDER_REFLECT
             )
-            walls = self._walls(v, top_ring, bottom_ring)[:, :, None]
+            # The walls show around the top face, not through its holes (there: the table).
+            outline = part_alpha
+            if "hole" in defects:
+                outline = warp_supersampled(self._part_alpha, warp, n)[:, :, None]
+            walls = self._walls(v, top_ring, bottom_ring)[:, :, None] * (1 - outline)
             diffuse, specular = self._shading(
                 part_plane_to_view[v], plane, v, lights, shininess, strength
             )
@@ -666,6 +674,7 @@ class RealisticMultiView:
                 8.0,
                 0.06 * strength,
             )
+            # Ambient plus Lambert, then the highlight (added: it is the light's colour).
             img = ground * (0.55 + 0.6 * t_diffuse) + t_specular
             img = img * (1 - walls) + walls * (self._mean_colour * np.float32(wall_shade[v]))
             lit_part = part * (0.45 + 0.7 * diffuse) + specular
@@ -685,7 +694,7 @@ class RealisticMultiView:
         """``(N, N)`` float32 coverage of the part's side walls: the convex hull of its top and
         bottom outlines in the view, drawn at twice the size and box-filtered like the rest."""
         n = self.image_size
-        P = self.rig.projections(n)[view]
+        P = self._projections[view]
         ring = np.concatenate([_project(P, top_ring), _project(P, bottom_ring)])
         hull = cv2.convexHull(np.round(2 * ring * 16 - 8).astype(np.int32))  # 2x, 4 bit shift
         canvas = np.zeros((2 * n, 2 * n), np.float32)
