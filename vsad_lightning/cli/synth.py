@@ -2,10 +2,16 @@
 
 Per category: ``<out>/realiad_<image-size>/<category>/{OK,NG}/...`` (JPEG quality 95 views,
 PNG masks), ``<out>/realiad_jsons/<category>.json`` and the true homographies in
-``<out>/synthetic_truth/<category>.json`` (the ``vsad-homography`` JSON format). Defaults are
-sized for a CPU demo: 128 px views, 24 normal training samples and 24 test samples (half of
-them anomalous) per category, three categories. The same ``--seed`` writes byte-identical
-files. See ``vsad_lightning.data.synthetic`` for the scene.
+``<out>/synthetic_truth/<category>.json`` (the ``vsad-homography`` JSON format).
+
+``--rig simple`` (default; ``vsad_lightning.data.synthetic``): one plane, fixed exact
+homographies; 128 px views, 80 normal training samples and 24 test samples (half of them
+anomalous) per category. ``--rig realistic`` (``vsad_lightning.data.realistic_rig``): tilted,
+rolled cameras, a table, moving highlights and a per-sample placement of the part, whose own
+true homographies go to ``<out>/synthetic_truth/<category>_samples.json``; 256 px views, 40
+training and 44 test samples (22 anomalous). The size flags override either. Three categories
+by default (``--categories all`` for every one of the rig). The same ``--seed`` writes
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -13,7 +19,12 @@ from __future__ import annotations
 import argparse
 
 from vsad_lightning.cli._common import report_data_errors
-from vsad_lightning.data.synthetic import CATEGORIES, write_synthetic_dataset
+from vsad_lightning.data.synthetic import (
+    RIG_DEFAULTS,
+    RIGS,
+    rig_categories,
+    write_synthetic_dataset,
+)
 
 
 @report_data_errors
@@ -23,24 +34,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="Dataset root to write.")
     parser.add_argument(
+        "--rig", choices=RIGS, default="simple", help="Scene: simple or realistic (see above)."
+    )
+    names = {rig: ", ".join(rig_categories(rig)) for rig in RIGS}
+    parser.add_argument(
         "--categories",
         default="3",
-        help=f"How many categories, or comma-separated names from {', '.join(CATEGORIES)}.",
+        help="How many categories, 'all', or comma-separated names; simple rig: "
+        f"{names['simple']}; realistic rig: {names['realistic']}.",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples-train", type=int, default=80, help="Normal training samples.")
-    parser.add_argument("--samples-test", type=int, default=24, help="Test samples.")
+
+    def default(key: str) -> str:
+        return "rig default: " + ", ".join(f"{r} {RIG_DEFAULTS[r][key]}" for r in RIGS)
+
+    parser.add_argument(
+        "--samples-train",
+        type=int,
+        default=None,
+        help=f"Normal training samples ({default('samples_train')}).",
+    )
+    parser.add_argument(
+        "--samples-test", type=int, default=None, help=f"Test samples ({default('samples_test')})."
+    )
     parser.add_argument(
         "--anomaly-fraction", type=float, default=0.5, help="Fraction of anomalous test samples."
     )
     parser.add_argument(
-        "--image-size", type=int, default=128, help="View size in px; the folder is realiad_<N>."
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"View size in px; the folder is realiad_<N> ({default('image_size')}).",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace categories vsad-synth wrote before."
     )
     args = parser.parse_args(argv)
-    names = write_synthetic_dataset(
+    written = write_synthetic_dataset(
         args.out,
         args.categories,
         args.seed,
@@ -50,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         anomaly_fraction=args.anomaly_fraction,
         overwrite=args.overwrite,
         progress=lambda line: print(line, flush=True),
+        rig=args.rig,
     )
-    print(f"wrote {len(names)} categories to {args.out} (resolution {args.image_size})")
+    size = args.image_size or RIG_DEFAULTS[args.rig]["image_size"]
+    print(f"wrote {len(written)} categories to {args.out} ({args.rig} rig, resolution {size})")
     return 0
 
 

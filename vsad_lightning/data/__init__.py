@@ -6,7 +6,8 @@ Modules:
 - ``dataset``: sample records and the generic ``MultiViewDataset``.
 - ``realiad``, ``manta``, ``folder``: the three on-disk layouts.
 - ``homographies``: ``ensure_homography_cache`` (load or estimate + write).
-- ``synthetic``: the synthetic rig and ``vsad-synth``'s writer.
+- ``synthetic``: the simple synthetic rig and ``vsad-synth``'s writer; ``realistic_rig``: the
+  realistic one (``vsad-synth --rig realistic``).
 - ``datamodule``: ``MultiViewDataModule``.
 
 Names are imported lazily so that ``from vsad_lightning.data.batch import ...`` stays light.
@@ -30,6 +31,7 @@ _EXPORTS = {
     "SyntheticMultiView": "synthetic",
     "generate_category": "synthetic",
     "write_synthetic_dataset": "synthetic",
+    "RealisticMultiView": "realistic_rig",
     "MultiViewDataModule": "datamodule",
 }
 

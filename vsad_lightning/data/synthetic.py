@@ -24,6 +24,11 @@ interpolation, then box-filtered down by two (``cv2.INTER_AREA``), which in pixe
 coordinates is the exact scaling ``diag(1/2, 1/2, 1)``, so the homographies stay exact.
 
 Everything is a function of ``(category, seed)``: the same seed writes byte-identical files.
+
+This is the *simple* rig (``rig="simple"``, the default). ``vsad_lightning.data.realistic_rig``
+is the realistic one (``rig="realistic"``: tilted, rolled cameras, per-sample placement of the
+part with per-sample true homographies, a table around it, moving highlights); both share the
+camera maths, the texture loading and the Real-IAD writer of this module.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.data.images import write_jpeg, write_mask_png
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache, PairEstimate
-from vsad_lightning.utils.io import atomic_write_json
+from vsad_lightning.utils.io import atomic_write_json, atomic_write_text
 
 VIEWS = ("C1", "C2", "C3", "C4", "C5")
 """C1 looks straight down; C2..C5 look obliquely from four sides, in ring order."""
@@ -86,9 +91,37 @@ BACKGROUND_RGB = np.array([0.08, 0.09, 0.11], dtype=np.float32)
 """Colour of the plane around the object, also what a hole shows."""
 
 
-def resolve_categories(spec: str | int | Sequence[str]) -> list[str]:
-    """``3`` -> the first three default categories; ``"brick,coffee"`` -> those names."""
-    ordered = list(dict.fromkeys([*DEFAULT_CATEGORIES, *CATEGORIES]))
+RIGS = ("simple", "realistic")
+"""``rig=`` values of ``generate_category`` / ``write_synthetic_dataset`` / ``vsad-synth --rig``."""
+
+RIG_DEFAULTS = {
+    "simple": {"image_size": 128, "samples_train": 80, "samples_test": 24},
+    "realistic": {"image_size": 256, "samples_train": 40, "samples_test": 44},
+}
+"""Sizes used when the caller passes ``None`` (``vsad-synth`` without the size flags)."""
+
+
+def _check_rig(rig: str) -> str:
+    if rig not in RIGS:
+        raise DataError(f"unknown synthetic rig {rig!r}; expected one of {list(RIGS)}")
+    return rig
+
+
+def rig_categories(rig: str = "simple") -> tuple[str, ...]:
+    """Category names of a rig, default ones first (``--categories N`` takes the first N)."""
+    if _check_rig(rig) == "realistic":
+        from vsad_lightning.data.realistic_rig import REALISTIC_CATEGORIES
+
+        return REALISTIC_CATEGORIES
+    return tuple(dict.fromkeys([*DEFAULT_CATEGORIES, *CATEGORIES]))
+
+
+def resolve_categories(spec: str | int | Sequence[str], rig: str = "simple") -> list[str]:
+    """``3`` -> the first three categories of the rig; ``"all"`` -> all of them;
+    ``"brick,coffee"`` -> those names."""
+    ordered = list(rig_categories(rig))
+    if isinstance(spec, str) and spec.strip() == "all":
+        return ordered
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
         n = int(spec)
         if not 1 <= n <= len(ordered):
@@ -98,9 +131,11 @@ def resolve_categories(spec: str | int | Sequence[str]) -> list[str]:
     names = [n for n in names if n]
     if not names:
         raise DataError("no category names given")
-    unknown = [n for n in names if n not in _TEXTURES]
+    unknown = [n for n in names if n not in ordered]
     if unknown:
-        raise DataError(f"unknown synthetic categories {unknown}; available: {list(CATEGORIES)}")
+        raise DataError(
+            f"unknown synthetic categories {unknown} for the {rig} rig; available: {ordered}"
+        )
     if len(set(names)) != len(names):
         raise DataError(f"a synthetic category is listed twice: {names}")
     return names
@@ -168,23 +203,35 @@ class Rig:
     def _camera(target: np.ndarray, centre: np.ndarray, focal: float, n: int) -> np.ndarray:
         """World plane ``(X, Y, 1)`` -> pixel centres of a camera at ``centre`` aiming at
         ``target`` (x right, y down, principal point at the image centre ``n/2``)."""
-        forward = (target - centre) / np.linalg.norm(target - centre)
-        up_hint = np.array([0.0, 0.0, 1.0])
-        if abs(forward @ up_hint) > 0.999:  # looking straight down: image up = world +Y
-            up_hint = np.array([0.0, 1.0, 0.0])
-        right = np.cross(forward, up_hint)
-        right /= np.linalg.norm(right)
-        down = np.cross(forward, right)
-        R = np.stack([right, down, forward])
+        R = look_at(target, centre)
         t = -R @ centre
         intrinsics = np.array([[focal, 0, n / 2], [0, focal, n / 2], [0, 0, 1]])
         return intrinsics @ np.column_stack([R[:, 0], R[:, 1], t])
 
     def homographies(self, image_size: int) -> np.ndarray:
         """``(V, V, 3, 3)`` float64, ``[v, u] = K_u K_v^-1`` (view v -> view u), ``H[2,2] = 1``."""
-        K = self.plane_to_view(image_size)
-        H = K[None, :] @ np.linalg.inv(K)[:, None]
-        return H / H[..., 2:3, 2:3]
+        return plane_homographies(self.plane_to_view(image_size))
+
+
+def look_at(target: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """World -> camera rotation (rows: image right, image down, optical axis) of a camera at
+    ``centre`` aiming at ``target``; image up is world +Z projected, or world +Y when looking
+    straight down."""
+    forward = (target - centre) / np.linalg.norm(target - centre)
+    up_hint = np.array([0.0, 0.0, 1.0])
+    if abs(forward @ up_hint) > 0.999:  # looking straight down: image up = world +Y
+        up_hint = np.array([0.0, 1.0, 0.0])
+    right = np.cross(forward, up_hint)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    return np.stack([right, down, forward])
+
+
+def plane_homographies(K: np.ndarray) -> np.ndarray:
+    """``(V, 3, 3)`` maps of one plane into each view -> ``(V, V, 3, 3)`` plane-induced
+    homographies ``[v, u] = K_u K_v^-1`` (view v -> view u), normalised to ``H[2,2] = 1``."""
+    H = K[None, :] @ np.linalg.inv(K)[:, None]
+    return H / H[..., 2:3, 2:3]
 
 
 def _opencv_matrix(H: np.ndarray) -> np.ndarray:
@@ -192,6 +239,45 @@ def _opencv_matrix(H: np.ndarray) -> np.ndarray:
     T = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
     T_inv = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
     return T_inv @ H @ T
+
+
+def supersampled_matrix(K: np.ndarray) -> np.ndarray:
+    """OpenCV matrix that renders with ``K`` (source pixel centres -> view pixel centres) at
+    twice the view size (``diag(2, 2, 1) K``), for ``warp_supersampled``."""
+    return _opencv_matrix(np.diag([2.0, 2.0, 1.0]) @ K)
+
+
+def warp_supersampled(
+    image: np.ndarray,
+    matrix: np.ndarray,
+    n: int,
+    border: float | tuple = 0.0,
+    border_mode: int = cv2.BORDER_CONSTANT,
+) -> np.ndarray:
+    """Inverse-warp ``image`` with ``matrix`` (``supersampled_matrix``) into a ``2n x 2n``
+    canvas (bilinear), then box-filter down by two: exact in pixel-centre coordinates (see
+    the module docstring)."""
+    big = cv2.warpPerspective(
+        image,
+        matrix,
+        (2 * n, 2 * n),
+        flags=cv2.INTER_LINEAR,
+        borderMode=border_mode,
+        borderValue=border,
+    )
+    return cv2.resize(big, (n, n), interpolation=cv2.INTER_AREA)
+
+
+def prepare_texture(image: np.ndarray, tint: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """uint8 photograph -> ``(H, W, 3)`` float32 in [0, 1]: grey images tinted, contrast
+    stretched a little (1-99 percentiles to 0.12-0.92) so every texture gives SIFT enough to
+    match."""
+    tex = image.astype(np.float32) / 255.0
+    if tex.ndim == 2:
+        tex = tex[:, :, None] * np.asarray(tint, dtype=np.float32)
+    tex = tex[:, :, :3]
+    lo, hi = np.percentile(tex, [1, 99])
+    return np.clip((tex - lo) / max(hi - lo, 1e-3) * 0.8 + 0.12, 0.0, 1.0)
 
 
 # ------------------------------------------------------------------------------ data classes
@@ -207,6 +293,9 @@ class SyntheticSample:
         images: view token -> ``(N, N, 3)`` uint8 RGB.
         masks: view token -> ``(N, N)`` bool, only for views that see a defect pixel.
         defects: the defect kinds drawn on the plane.
+        homographies: ``(V, V, 3, 3)`` this sample's own true homographies (realistic rig,
+            where the part's placement varies per sample); ``None`` when they are the
+            category's.
     """
 
     number: int
@@ -214,6 +303,7 @@ class SyntheticSample:
     images: dict[str, np.ndarray]
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     defects: list[str] = field(default_factory=list)
+    homographies: np.ndarray | None = None
 
     @property
     def is_anomalous(self) -> bool:
@@ -222,13 +312,15 @@ class SyntheticSample:
 
 @dataclass
 class SyntheticCategory:
-    """One category in memory: the samples and the true homographies at ``image_size``."""
+    """One category in memory: the samples and the true homographies at ``image_size``
+    (for the realistic rig: those of the nominal placement; each sample has its own)."""
 
     name: str
     image_size: int
     train: list[SyntheticSample]
     test: list[SyntheticSample]
     homographies: np.ndarray
+    rig: str = "simple"
 
     def truth_cache(self) -> HomographyCache:
         """The true homographies in the ``vsad-homography`` JSON format (status ok)."""
@@ -274,8 +366,7 @@ class SyntheticMultiView:
         self.plane_size = self.rig.plane_size(image_size)
         K = self.rig.plane_to_view(image_size)
         # Render at twice the size, then box-filter down (see the module docstring).
-        S2 = np.diag([2.0, 2.0, 1.0])
-        self._warp_matrices = [_opencv_matrix(S2 @ k) for k in K]
+        self._warp_matrices = [supersampled_matrix(k) for k in K]
         self._texture = self._load_texture()
         P = self.plane_size
         self._half_width = self.rig.plane_half_width(image_size)
@@ -296,13 +387,7 @@ class SyntheticMultiView:
 
     def _load_texture(self) -> np.ndarray:
         loader, tint = _TEXTURES[self.category]
-        tex = loader().astype(np.float32) / 255.0
-        if tex.ndim == 2:
-            tex = tex[:, :, None] * np.asarray(tint, dtype=np.float32)
-        tex = tex[:, :, :3]
-        # Stretch the contrast a little so every texture gives SIFT enough to match.
-        lo, hi = np.percentile(tex, [1, 99])
-        return np.clip((tex - lo) / max(hi - lo, 1e-3) * 0.8 + 0.12, 0.0, 1.0)
+        return prepare_texture(loader(), tint)
 
     def _object_mask(self) -> np.ndarray:
         """The object on the plane: a rounded square ``[-1, 1]^2`` (corner radius 0.2)."""
@@ -409,16 +494,7 @@ class SyntheticMultiView:
         pixel-centre coordinates (see the module docstring). ``border`` fills what lies
         outside the plane image.
         """
-        n = self.image_size
-        big = cv2.warpPerspective(
-            plane,
-            self._warp_matrices[view],
-            (2 * n, 2 * n),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=border,
-        )
-        return cv2.resize(big, (n, n), interpolation=cv2.INTER_AREA)
+        return warp_supersampled(plane, self._warp_matrices[view], self.image_size, border)
 
     def _lighting(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``(V, N, N, 1)`` multiplicative gain and ``(V, N, N, 1)`` additive highlight, fixed in
@@ -469,33 +545,70 @@ def _category_rng(name: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def generate_category(
-    name: str,
-    seed: int = 0,
-    *,
-    image_size: int = 128,
-    samples_train: int = 80,
-    samples_test: int = 24,
-    anomaly_fraction: float = 0.5,
-    rig: Rig | None = None,
-) -> SyntheticCategory:
-    """Render one category in memory.
-
-    Training samples are all normal. ``round(samples_test * anomaly_fraction)`` test samples
-    carry one or two defects of one kind (scratch, stain or hole; the kind gives the anomaly
-    class); the others are normal. Sample numbers run 1..train+test, train first; the
-    anomalous test samples are spread at random among the test numbers.
-    """
+def _resolve_sizes(
+    rig: str, image_size: int | None, samples_train: int | None, samples_test: int | None
+) -> tuple[int, int, int]:
+    """``None`` -> the rig's default (``RIG_DEFAULTS``); checks the counts."""
+    defaults = RIG_DEFAULTS[_check_rig(rig)]
+    image_size = defaults["image_size"] if image_size is None else image_size
+    samples_train = defaults["samples_train"] if samples_train is None else samples_train
+    samples_test = defaults["samples_test"] if samples_test is None else samples_test
     if samples_train < 1 or samples_test < 0:
         raise DataError(
             f"need >= 1 training sample and >= 0 test samples, got {samples_train}, {samples_test}"
         )
+    return image_size, samples_train, samples_test
+
+
+def anomalous_test_indices(
+    rng: np.random.Generator, samples_test: int, anomaly_fraction: float
+) -> set[int]:
+    """``round(samples_test * anomaly_fraction)`` test indices, spread at random."""
     if not 0.0 <= anomaly_fraction <= 1.0:
         raise DataError(f"anomaly_fraction must be in [0, 1], got {anomaly_fraction}")
-    gen = SyntheticMultiView(name, image_size, rig)
-    rng = _category_rng(name, seed)
     n_bad = int(round(samples_test * anomaly_fraction))
-    bad = set(rng.permutation(samples_test)[:n_bad].tolist())
+    return set(rng.permutation(samples_test)[:n_bad].tolist())
+
+
+def generate_category(
+    name: str,
+    seed: int = 0,
+    *,
+    image_size: int | None = None,
+    samples_train: int | None = None,
+    samples_test: int | None = None,
+    anomaly_fraction: float = 0.5,
+    rig: Rig | str | None = None,
+) -> SyntheticCategory:
+    """Render one category in memory.
+
+    ``rig``: ``"simple"`` (default; or a ``Rig`` to change its cameras) or ``"realistic"``
+    (``realistic_rig.generate_realistic_category``). Sizes left ``None`` take the rig's
+    defaults (``RIG_DEFAULTS``).
+
+    Simple rig: training samples are all normal. ``round(samples_test * anomaly_fraction)``
+    test samples carry one or two defects of one kind (scratch, stain or hole; the kind gives
+    the anomaly class); the others are normal. Sample numbers run 1..train+test, train first;
+    the anomalous test samples are spread at random among the test numbers.
+    """
+    rig_name = rig if isinstance(rig, str) else "simple"
+    image_size, samples_train, samples_test = _resolve_sizes(
+        rig_name, image_size, samples_train, samples_test
+    )
+    if rig_name == "realistic":
+        from vsad_lightning.data.realistic_rig import generate_realistic_category
+
+        return generate_realistic_category(
+            name,
+            seed,
+            image_size=image_size,
+            samples_train=samples_train,
+            samples_test=samples_test,
+            anomaly_fraction=anomaly_fraction,
+        )
+    gen = SyntheticMultiView(name, image_size, None if isinstance(rig, str) else rig)
+    rng = _category_rng(name, seed)
+    bad = anomalous_test_indices(rng, samples_test, anomaly_fraction)
     kinds = list(DEFECT_CODES)
 
     train = []
@@ -521,10 +634,16 @@ def generate_category(
 # ------------------------------------------------------------------- writing Real-IAD layout
 
 TRUTH_DIR = "synthetic_truth"
-"""``<root>/synthetic_truth/<category>.json``: the true homographies (HomographyCache JSON)."""
+"""``<root>/synthetic_truth/<category>.json``: the true homographies (HomographyCache JSON);
+for the realistic rig also ``<category>_samples.json``, each sample's own (``write_category``)."""
 
 GENERATOR_TAG = "vsad-synth"
 _FIRST_CAPTURE = datetime.datetime(2023, 9, 22, 9, 0, 0)
+
+
+def sample_id(category: str, sample: SyntheticSample) -> str:
+    """The sample key the Real-IAD loader builds from the file names: ``<cat>_0031_NG``."""
+    return f"{category}_{sample.number:04d}_{'OK' if sample.anomaly_class == 'OK' else 'NG'}"
 
 
 def _relative_paths(category: str, sample: SyntheticSample, view: str, stamp: str) -> tuple:
@@ -532,8 +651,30 @@ def _relative_paths(category: str, sample: SyntheticSample, view: str, stamp: st
     ``NG/<code>/S0031/<cat>_0031_NG_C1_<stamp>.jpg`` with the mask ``... .png`` beside it."""
     ok = sample.anomaly_class == "OK"
     folder = f"OK/S{sample.number:04d}" if ok else f"NG/{sample.anomaly_class}/S{sample.number:04d}"
-    stem = f"{category}_{sample.number:04d}_{'OK' if ok else 'NG'}_{view}_{stamp}"
+    stem = f"{sample_id(category, sample)}_{view}_{stamp}"
     return f"{folder}/{stem}.jpg", f"{folder}/{stem}.png"
+
+
+def sample_truth_path(root: str | os.PathLike, category: str) -> Path:
+    """``<root>/synthetic_truth/<category>_samples.json`` (realistic rig)."""
+    return Path(root) / TRUTH_DIR / f"{category}_samples.json"
+
+
+def sample_truth_document(data: SyntheticCategory) -> dict:
+    """Each sample's true homographies: ``{"image_size": [W, H], "samples": {"<cat>_0001_OK":
+    {"C1->C2": {"H": 3x3}, ... every ordered pair}}}``, pixel-centre convention, view ``v``
+    pixel coordinates -> view ``u`` for key ``"v->u"``, at the written image size."""
+    samples = {}
+    for sample in [*data.train, *data.test]:
+        if sample.homographies is None:
+            raise ValueError(f"{data.name} sample {sample.number} has no per-sample homographies")
+        samples[sample_id(data.name, sample)] = {
+            HomographyCache.pair_key(src, dst): {"H": sample.homographies[i, j].tolist()}
+            for i, src in enumerate(VIEWS)
+            for j, dst in enumerate(VIEWS)
+            if i != j
+        }
+    return {"image_size": [data.image_size, data.image_size], "samples": samples}
 
 
 def write_category(
@@ -543,7 +684,10 @@ def write_category(
 
     Files: ``realiad_<N>/<category>/...`` (JPEG quality 95 images, 0/255 PNG masks),
     ``realiad_jsons/<category>.json`` (entries shuffled, as in the real lists, whose order is
-    arbitrary) and ``synthetic_truth/<category>.json``. Capture timestamps are drawn from the
+    arbitrary; ``meta.rig`` names the rig, absent for the simple one) and
+    ``synthetic_truth/<category>.json``, plus ``synthetic_truth/<category>_samples.json`` when
+    the samples carry their own homographies (``sample_truth_document``; realistic rig).
+    Capture timestamps are drawn from the
     seed, so files are byte-identical for the same seed. An existing category folder is only
     replaced with ``overwrite=True`` and only when ``vsad-synth`` wrote it.
     """
@@ -592,12 +736,22 @@ def write_category(
             "seed": int(seed),
             "image_size": data.image_size,
             "views": list(VIEWS),
+            # The simple rig's files predate the key: leave them byte-identical.
+            **({"rig": data.rig} if data.rig != "simple" else {}),
         },
         "train": [splits["train"][i] for i in rng.permutation(len(splits["train"]))],
         "test": [splits["test"][i] for i in rng.permutation(len(splits["test"]))],
     }
     atomic_write_json(json_path, document)
     data.truth_cache().save(root / TRUTH_DIR / f"{name}.json")
+    per_sample = sample_truth_path(root, name)
+    if any(s.homographies is not None for s in [*data.train, *data.test]):
+        per_sample.parent.mkdir(parents=True, exist_ok=True)
+        # Compact: 20 matrices per sample; indenting would triple the file.
+        text = json.dumps(sample_truth_document(data), separators=(",", ":")) + "\n"
+        atomic_write_text(per_sample, text)
+    else:  # a simple-rig category replacing a realistic one
+        per_sample.unlink(missing_ok=True)
     return json_path
 
 
@@ -606,15 +760,22 @@ def write_synthetic_dataset(
     categories: str | int | Sequence[str] = 3,
     seed: int = 0,
     *,
-    image_size: int = 128,
-    samples_train: int = 80,
-    samples_test: int = 24,
+    image_size: int | None = None,
+    samples_train: int | None = None,
+    samples_test: int | None = None,
     anomaly_fraction: float = 0.5,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    rig: str = "simple",
 ) -> list[str]:
-    """Generate and write several categories (``vsad-synth``); returns their names."""
-    names = resolve_categories(categories)
+    """Generate and write several categories (``vsad-synth``); returns their names.
+
+    ``rig``: ``"simple"`` or ``"realistic"``; sizes left ``None`` take the rig's defaults
+    (``RIG_DEFAULTS``)."""
+    names = resolve_categories(categories, rig)
+    image_size, samples_train, samples_test = _resolve_sizes(
+        rig, image_size, samples_train, samples_test
+    )
     for name in names:
         start = time.perf_counter()
         data = generate_category(
@@ -624,6 +785,7 @@ def write_synthetic_dataset(
             samples_train=samples_train,
             samples_test=samples_test,
             anomaly_fraction=anomaly_fraction,
+            rig=rig,
         )
         write_category(data, root, seed, overwrite=overwrite)
         if progress is not None:
