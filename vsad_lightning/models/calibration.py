@@ -22,8 +22,11 @@ normals only, how large a normal score is at each place and in each view:
    normals that are odd at a place):
 
    * per view and per map pixel: centre ``c_v(p)`` and spread ``s_v(p)`` of the LOO maps, with
-     ``s_v(p) >= floor * median_p s_v(p)``: a place that never varies (flat background) would
-     otherwise turn the smallest change into a huge score;
+     ``s_v(p) >= floor * mean_p s_v(p)``: a place that never varies (flat background) would
+     otherwise turn the smallest change into a huge score. The mean, not the median, over the
+     view's pixels: where most of a view is flat background the median spread is ~0. With
+     ``floor = 1`` only places noisier than the view's average are damped and none is
+     amplified;
    * per view: centre and spread of the normals' view scores, for the ``view`` mode (raw view
      scores) and the ``position`` mode (view scores of the position-normalised maps);
    * the normals' view scores in every mode, and from them OK/NG thresholds per view and per
@@ -285,7 +288,7 @@ class Calibration(nn.Module):
 
         Args:
             maps: the normals' LOO maps (``leave_one_out_maps``), raw distances.
-            floor: the per-pixel spread is at least ``floor`` times the median spread of its
+            floor: the per-pixel spread is at least ``floor`` times the mean spread of its
                 view (see the module docstring); 0 keeps only a tiny absolute floor.
             rule, value: the threshold rule (``set_thresholds``).
         """
@@ -300,7 +303,7 @@ class Calibration(nn.Module):
             raise ValueError("the LOO maps of the training normals hold NaN or inf")
         maps = maps.float()
         center, spread = robust_center_scale(maps, 0)  # (V, H, W)
-        view_floor = floor * median(spread.flatten(1), 1)  # (V,)
+        view_floor = floor * spread.flatten(1).mean(1)  # (V,)
         spread = torch.maximum(spread, view_floor[:, None, None]).clamp_min(_tiny(center))
 
         raw = maps.amax(dim=(-2, -1))  # (n, V)

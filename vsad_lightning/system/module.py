@@ -163,8 +163,9 @@ class VSADModule(L.LightningModule):
             extrapolating a tail shape; measured in the README's options table.
         threshold_quantile, threshold_sigma: the value of each rule.
         calibration_floor: the per-pixel spread of the ``position`` mode is at least this
-            fraction of its view's median spread, so that a place where normals never vary
-            (flat background) cannot turn a tiny change into a huge score.
+            fraction of its view's mean spread, so that a place where normals never vary (flat
+            background) cannot turn a tiny change into a huge score; at 1.0 (default) places
+            noisier than the view's average are damped and none is amplified.
         calibration_folds: the global bank's leave-one-out uses this many folds (sub-banks
             without one fold's samples); the positional bank leaves out exactly the sample.
     """
