@@ -108,7 +108,7 @@ def labels_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def update_from_maps(
     metric: AnomalyMetrics, maps: torch.Tensor, masks: torch.Tensor, decide: bool = False
 ) -> None:
-    """Update with view score = max of the map and sample score = max over views (DESIGN.md);
+    """Update with view score = max of the map and sample score = max over its views;
     ``decide``: also OK/NG decisions, NG above the batch's median view score."""
     view_labels, sample_labels = labels_from_masks(masks)
     view_scores = maps.flatten(2).amax(dim=2)
