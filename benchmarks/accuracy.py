@@ -16,10 +16,12 @@ Variants (issue 6):
 - ``levels_last`` / ``levels_last2`` / ``levels_last3``: ``model.feature_levels``.
 - ``noise_mode``: ``model.feature_mode noise`` instead of DDIM inversion.
 - ``single_view``: the PatchCore-style baseline: the same backbone, features and training
-  budget, no MVAM, no FRM, each view scored on its own against one global bank.
+  budget, no MVAM, no FRM, each view scored on its own against one global bank, raw distances.
 - ``global_bank`` / ``no_norm`` / ``no_latent``: the scoring choices of the embedded default
   (issue 6, section 5), each switched back to the paper's on its own: the whole-bank search,
   no feature normalisation, no latent level (``model.latent_weight 0``).
+- ``no_calibration``: raw distances (``model.calibration none``) instead of the demo's scores
+  standardised per position and per view on the training normals.
 
 ``--reuse`` keeps a (variant, category) run that already has a ``metrics.json`` under
 ``--work`` instead of training it again (same config and data assumed: use it to resume an
@@ -63,10 +65,12 @@ VARIANTS: dict[str, list[str]] = {
     "noise_mode": ["--model.feature_mode", "noise"],
     "single_view": [
         "--model.use_mvam", "false", "--model.use_frm", "false", "--model.bank_mode", "global",
+        "--model.calibration", "none",
     ],
     "global_bank": ["--model.bank_mode", "global"],
     "no_norm": ["--model.feature_norm", "none"],
     "no_latent": ["--model.latent_weight", "0.0"],
+    "no_calibration": ["--model.calibration", "none"],
     # Does alignment help where the score rests on the U-Net levels alone?
     "no_latent_mvam_off": ["--model.latent_weight", "0.0", "--model.use_mvam", "false"],
 }  # fmt: skip

@@ -105,11 +105,20 @@ def labels_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return view_labels, view_labels.amax(dim=1)
 
 
-def update_from_maps(metric: AnomalyMetrics, maps: torch.Tensor, masks: torch.Tensor) -> None:
-    """Update with view score = max of the map and sample score = max over views (DESIGN.md)."""
+def update_from_maps(
+    metric: AnomalyMetrics, maps: torch.Tensor, masks: torch.Tensor, decide: bool = False
+) -> None:
+    """Update with view score = max of the map and sample score = max over its views;
+    ``decide``: also OK/NG decisions, NG above the batch's median view score."""
     view_labels, sample_labels = labels_from_masks(masks)
     view_scores = maps.flatten(2).amax(dim=2)
-    metric.update(maps, masks, view_scores, view_scores.amax(dim=1), view_labels, sample_labels)
+    decisions = {}
+    if decide:
+        pred_view = (view_scores > view_scores.median()).long()
+        decisions = {"pred_view_labels": pred_view, "pred_sample_labels": pred_view.amax(dim=1)}
+    metric.update(
+        maps, masks, view_scores, view_scores.amax(dim=1), view_labels, sample_labels, **decisions
+    )
 
 
 def synthetic_batch(
@@ -351,7 +360,7 @@ def _ddp_worker(rank: int, port: int, batches: list, out_dir: str) -> None:
         metric = AnomalyMetrics(num_bins=SMALL_BINS)
         # Uneven shards: rank 0 gets two batches, rank 1 one.
         for batch in batches[:2] if rank == 0 else batches[2:]:
-            update_from_maps(metric, *batch)
+            update_from_maps(metric, *batch, decide=True)
         result = metric.compute()  # syncs states over the process group
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -363,8 +372,9 @@ def test_ddp_reduction_over_two_processes(tmp_path: Path) -> None:
     batches = [synthetic_batch(generator, 2, 3, 16, scale) for scale in (1.0, 3.0, 9.0)]
     single = AnomalyMetrics(num_bins=SMALL_BINS)
     for batch in batches:
-        update_from_maps(single, *batch)
+        update_from_maps(single, *batch, decide=True)
     expected = single.compute()
+    assert {"view_f1", "sample_fpr"} <= set(expected)  # the decision counts are reduced too
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -372,6 +382,41 @@ def test_ddp_reduction_over_two_processes(tmp_path: Path) -> None:
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == pytest.approx(expected, abs=1e-12), rank
+
+
+def test_decision_metrics_against_a_hand_count() -> None:
+    metric = AnomalyMetrics(num_bins=SMALL_BINS)
+    view_labels = torch.tensor([[1, 0], [0, 0], [1, 1]])
+    pred_views = torch.tensor([[1, 1], [0, 1], [0, 1]])
+    pred_samples = torch.tensor([0, 1, 1])
+    masks = torch.zeros(3, 2, 1, 4, 4)  # views labelled anomalous may have empty masks
+    maps = torch.rand(3, 2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    scores = maps.flatten(2).amax(dim=2)
+    for rows in (slice(0, 2), slice(2, 3)):  # two batches: the counts add up
+        metric.update(
+            maps[rows], masks[rows], scores[rows], scores[rows].amax(dim=1), view_labels[rows],
+            view_labels[rows].amax(dim=1), pred_view_labels=pred_views[rows],
+            pred_sample_labels=pred_samples[rows],
+        )  # fmt: skip
+    result = metric.compute()
+    # Views: TP (0,0) (2,1); FP (0,1) (1,1); FN (2,0); TN (1,0).
+    assert result["view_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    assert result["view_fpr"] == pytest.approx(2 / 3)
+    assert result["view_fnr"] == pytest.approx(1 / 3)
+    # Samples (labels 1, 0, 1): TP sample 2, FP sample 1, FN sample 0, no TN.
+    assert result["sample_f1"] == pytest.approx(0.5)
+    assert result["sample_fpr"] == pytest.approx(1.0)
+    assert result["sample_fnr"] == pytest.approx(0.5)
+    # Without decisions there are no decision metrics; with some batches only, NaN.
+    plain = AnomalyMetrics(num_bins=SMALL_BINS)
+    plain.update(maps, masks, scores, scores.amax(1), view_labels, view_labels.amax(1))
+    assert "view_f1" not in plain.compute()
+    plain.update(
+        maps, masks, scores, scores.amax(1), view_labels, view_labels.amax(1),
+        pred_view_labels=pred_views, pred_sample_labels=pred_samples,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="no OK/NG decision"):
+        assert math.isnan(plain.compute()["view_fpr"])
 
 
 # -------------------------------------------------------------------------- bad input

@@ -127,13 +127,21 @@ def _bank(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return bank, info
 
 
+def _calibration(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    out = {k: v for k, v in state.items() if k.startswith("calibration.")}
+    # The normals' scores are stored in bank order, which is rank order under in-memory DDP.
+    out["calibration.normal_view_scores"] = out["calibration.normal_view_scores"].sort(1).values
+    return out
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
     # lr = 0: both runs keep the seeded initial weights, so the features, and therefore the
     # banks, must agree row for row whatever the number of processes.
     frozen = [*SMALL, "--trainer.max_epochs", "1", "--model.lr", "0.0",
               "--model.weight_decay", "0.0", "--model.warmup_steps", "0"]  # fmt: skip
-    banks = {}
+    banks, calibrations = {}, {}
     # (devices, streaming): the in-memory path on one and two processes, and the streaming
     # builder (MemoryBankCallback(streaming=True)) on two.
     for devices, streaming in ((1, False), (2, False), (2, True)):
@@ -146,7 +154,9 @@ def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
             "--bank.spill_dir", str(tmp_path),
         )  # fmt: skip
         metrics_path = Path(proc.stdout.strip().splitlines()[-1].removeprefix("metrics: "))
-        banks[devices, streaming], info = _bank(metrics_path.parent / "checkpoints" / "final.ckpt")
+        final = metrics_path.parent / "checkpoints" / "final.ckpt"
+        banks[devices, streaming], info = _bank(final)
+        calibrations[devices, streaming] = _calibration(final)
         assert info["world_size"] == devices and info["streaming"] == streaming, info
         assert info["feature_rows"] == {
             key.removeprefix("memory_bank.bank_"): value.shape[0]
@@ -164,6 +174,13 @@ def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
         # row for row.
         torch.testing.assert_close(banks[2, True][key], reference, rtol=0, atol=1e-4)
     assert not any(tmp_path.glob("vsad_bank_*")), "spill files left behind"
+    # The calibration: LOO maps scored in shards and gathered give the one-process statistics.
+    reference = calibrations[1, False]
+    assert "calibration.view_threshold" in reference
+    for run in ((2, False), (2, True)):
+        assert calibrations[run].keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(calibrations[run][key], value, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -198,7 +215,9 @@ def test_predict_writes_maps_and_scores_for_a_folder(fitted, small_root, tmp_pat
     assert sorted({r["sample_id"] for r in rows}) == complete
     assert len(rows) == 5 * len(complete)
     for r in rows:
-        assert float(r["sample_score"]) >= float(r["view_score"]) >= 0.0
+        # The demo's scores are calibrated (standardised): they may be negative.
+        assert float(r["sample_score"]) >= float(r["view_score"])
+        assert r["view_decision"] in ("OK", "NG") and r["sample_decision"] in ("OK", "NG")
     assert sorted(p.stem for p in (out / "maps").glob("*.png")) == complete
 
 

@@ -1,22 +1,33 @@
-"""``MemoryBankCallback``: build the memory bank of normal features when training ends.
+"""``MemoryBankCallback``: build the memory bank of normal features when training ends, then
+calibrate the scores on those normals.
 
 DESIGN.md (Inference and scoring): features of all training views, or a greedy k-center
 coreset, per level; stored as module buffers so the bank travels in the checkpoint; under DDP
-every rank's features reach the bank (the pitfall of anomalib issue 2673).
+every rank's features reach the bank (the pitfall of anomalib issue 2673). The calibration
+(``vsad_lightning.models.calibration``) scores every training normal against the bank without
+its own rows, from the features the bank was built from (never extracted twice), and stores
+normal-only statistics and OK/NG thresholds as module buffers too.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from vsad_lightning.models.bank_builder import StreamingBankBuilder
-from vsad_lightning.models.memory_bank import flatten_features, greedy_coreset
+from vsad_lightning.models.memory_bank import (
+    flatten_features,
+    greedy_coreset,
+    unflatten_features,
+)
 
 FINAL_CHECKPOINT = "final.ckpt"
 """Written after the bank is built: the checkpoint ``vsad-test`` and ``vsad-predict`` take."""
@@ -29,6 +40,12 @@ class MemoryBankCallback(L.Callback):
     normals in a fixed order, without augmentation or shuffling. Each rank extracts a strided
     shard (``rank::world_size``), the shards are gathered, so every rank holds the same bank,
     then an optional coreset is selected with a fixed seed (identical on every rank).
+
+    Then the calibration: each rank scores a strided share of the training samples against the
+    bank without their own rows (``VSADModule.leave_one_out_maps``: the features are the bank's
+    own rows, or for a coreset the rows it was selected from), the maps are gathered in sample
+    order and every rank fits the same ``VSADModule.calibration`` from the same maps. It costs
+    about one scoring pass over the training set.
 
     Args:
         coreset_ratio: fraction of rows kept per level by greedy k-center selection; 1.0 keeps
@@ -66,6 +83,8 @@ class MemoryBankCallback(L.Callback):
         # How the bank was built; saved in the checkpoint (callbacks section) for audits.
         self.build_info: dict = {}
         self.grids: dict[int, tuple[int, int, int]] = {}
+        self.image_size: tuple[int, int] | None = None
+        self._kept: dict[int, Tensor] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # Fail before training, not after it, when the bank cannot serve the scoring.
@@ -92,6 +111,7 @@ class MemoryBankCallback(L.Callback):
         chunks: dict[int, list[Tensor]] = {}
         for batch in loader:
             batch = batch.to(pl_module.device)
+            self.image_size = batch.image_size
             for level, feats in pl_module.extract_features(batch).items():
                 self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                 chunks.setdefault(level, []).append(flatten_features(feats.float()))
@@ -120,6 +140,7 @@ class MemoryBankCallback(L.Callback):
         try:
             for batch in loader:
                 batch = batch.to(pl_module.device)
+                self.image_size = batch.image_size
                 for level, feats in pl_module.extract_features(batch).items():
                     self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                     builder.add(level, flatten_features(feats.float()), feats.shape[0])
@@ -138,8 +159,13 @@ class MemoryBankCallback(L.Callback):
             "coreset_ratio": self.coreset_ratio,
             "streaming": self.streaming,
         }
+        self._kept = {}
+        features: dict[int, Tensor] | None = None
+        builder: StreamingBankBuilder | None = None
         if self.streaming:
             builder = self.stream_features(trainer, pl_module)
+            # A coreset's calibration reads the rows it was selected from back from the spill.
+            builder.keep_spill = self.coreset_ratio < 1.0
             gather = pl_module.all_gather if trainer.world_size > 1 else None
             levels = builder.build(gather, trainer.global_rank)
         else:
@@ -149,15 +175,22 @@ class MemoryBankCallback(L.Callback):
             }
             levels = self._in_memory_levels(features)
         rank_zero_info(f"memory bank: features gathered from {trainer.world_size} process(es)")
-        for level, rows in levels:
-            # Every feature in sample order keeps its place (positional bank); a coreset does not.
-            grid = self.grids.get(level) if self.coreset_ratio >= 1.0 else None
-            pl_module.memory_bank.set_level(level, rows, grid=grid)
-            rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
-        if self.streaming:
-            self.build_info["feature_rows"] = {
-                str(level): rows for level, rows in builder.total_rows.items()
-            }
+        try:
+            for level, rows in levels:
+                # Every feature in sample order keeps its place (positional bank); a coreset
+                # does not.
+                grid = self.grids.get(level) if self.coreset_ratio >= 1.0 else None
+                pl_module.memory_bank.set_level(level, rows, grid=grid)
+                rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
+            if builder is not None:
+                self.build_info["feature_rows"] = {
+                    str(level): rows for level, rows in builder.total_rows.items()
+                }
+                self._kept = dict(builder.kept)
+            self.calibrate(trainer, pl_module, features, builder)
+        finally:
+            if builder is not None:
+                builder.close()
         if self.save_checkpoint:
             # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
             trainer.save_checkpoint(Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT)
@@ -168,8 +201,92 @@ class MemoryBankCallback(L.Callback):
                 keep = greedy_coreset(
                     rows, self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed
                 )
+                self._kept[level] = keep
                 rows = rows[keep]
             yield level, rows
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        trainer: L.Trainer,
+        pl_module,
+        features: dict[int, Tensor] | None,
+        builder: StreamingBankBuilder | None,
+    ) -> None:
+        """Fit ``pl_module.calibration`` from LOO maps of every training normal (collective).
+
+        Where the features come from: a bank of whole feature maps holds them itself
+        (``MemoryBank.sample_features``); a coreset needs the rows it was selected from, which
+        are ``features`` (the in-memory build, every rank holds all of them) or this rank's
+        spill file (the streaming build, which keeps it for this).
+        """
+        bank = pl_module.memory_bank
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.image_size is None:
+            raise RuntimeError("calibration: no training batch was seen (image size unknown)")
+        levels = bank.levels
+        first = levels[0]
+        row_samples: dict[int, Tensor] | None = None
+        features_of: Callable[[Tensor], dict[int, Tensor]]
+        if all(bank.grid(level) is not None for level in levels):
+            total = bank.num_samples(first)
+
+            def features_of(ids: Tensor) -> dict[int, Tensor]:
+                return {level: bank.sample_features(level, ids) for level in levels}
+
+        else:
+            per_sample = {level: math.prod(self.grids[level]) for level in levels}
+            row_samples = {level: self._kept[level] // per_sample[level] for level in levels}
+            if features is not None:
+                total = features[first].shape[0] // per_sample[first]
+
+                def read(level: int, ids: Tensor) -> Tensor:
+                    rows = features[level]
+                    return rows.view(-1, per_sample[level], rows.shape[1])[ids.to(rows.device)]
+
+            else:
+                assert builder is not None
+                total = builder.total_rows[first] // per_sample[first]
+
+                def read(level: int, ids: Tensor) -> Tensor:
+                    # This rank's spill holds global samples rank, rank + world, ...
+                    return builder.local_samples(level, (ids - rank) // world)
+
+            def features_of(ids: Tensor) -> dict[int, Tensor]:
+                out = {}
+                for level in levels:
+                    rows = read(level, ids)
+                    out[level] = unflatten_features(
+                        rows.reshape(-1, rows.shape[-1]).float(), (ids.numel(), *self.grids[level])
+                    )
+                return out
+
+        if total < 2:
+            rank_zero_warn(
+                f"calibration skipped: {total} training normal (leave-one-out needs at least 2); "
+                "the model can only be tested with model.calibration none, without OK/NG"
+            )
+            return
+        started = time.perf_counter()
+        samples = torch.arange(rank, total, world)
+        maps = pl_module.leave_one_out_maps(samples, features_of, self.image_size, row_samples)
+        if world > 1:
+            shape = maps.shape[1:]
+            gathered = _gather_rows(pl_module, maps.flatten(1).contiguous())
+            # Rank r scored samples r, r + world, ...: back to sample order on every rank.
+            order = torch.cat([torch.arange(r, total, world) for r in range(world)])
+            maps = gathered[torch.argsort(order).to(gathered.device)].view(-1, *shape)
+        pl_module.fit_calibration(maps)
+        if world > 1:
+            # The maps are the same on every rank, and so is the fit; rank 0's buffers are sent
+            # to every rank anyway, so no rank can be left with other thresholds.
+            state = {k: v.cpu() for k, v in pl_module.calibration.state_dict().items()}
+            state = trainer.strategy.broadcast(state, src=0)
+            pl_module.calibration.load_state_dict(state)
+        rank_zero_info(
+            f"calibration: leave-one-out maps of {total} training normals "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
 
     def state_dict(self) -> dict:
         return dict(self.build_info)

@@ -63,11 +63,12 @@ class MetricsFileCallback(L.Callback):
 class AnomalyMapPictures(L.Callback):
     """Pictures of the first ``num_samples`` test samples, all views side by side.
 
-    Row 1: the image with the ground-truth contour (green). Row 2: the anomaly map over the
-    image (colour map JET) with the same contour. They go to TensorBoard (``test/maps/<id>``)
-    and to ``<run>/images/<sample_id>.png``. The colour scale is shared by the pictured samples,
-    from 0 to the largest score among them: display only, never used by any metric. Under DDP,
-    rank 0 pictures the first samples of its own shard.
+    Row 1: the image with the ground-truth contour (green). Row 2: the anomaly map of the
+    model's calibration mode (``AnomalyPrediction.normalised_maps``; the raw distances for
+    ``none``) over the image (colour map JET) with the same contour. They go to TensorBoard
+    (``test/maps/<id>``) and to ``<run>/images/<sample_id>.png``. The colour scale is shared
+    by the pictured samples, from 0 to the largest score among them: display only, never used
+    by any metric. Under DDP, rank 0 pictures the first samples of its own shard.
     """
 
     def __init__(self, num_samples: int = 4, alpha: float = 0.5) -> None:
@@ -91,7 +92,7 @@ class AnomalyMapPictures(L.Callback):
                     batch.sample_ids[b],
                     batch.images[b].float().cpu(),
                     batch.masks[b].float().cpu(),
-                    outputs.anomaly_maps[b].float().cpu(),
+                    outputs.normalised_maps[b].float().cpu(),
                 )
             )
 

@@ -1,4 +1,5 @@
-"""``PredictionWriter``: PNG anomaly maps and a CSV of view and sample scores."""
+"""``PredictionWriter`` (``vsad-predict``) and ``TestScoresWriter`` (``vsad-fit``/``vsad-test``):
+PNG anomaly maps and CSVs of view and sample scores with their OK/NG decisions."""
 
 from __future__ import annotations
 
@@ -8,19 +9,76 @@ from pathlib import Path
 
 import cv2
 import lightning as L
+import torch
+from torch import Tensor
 
-from vsad_lightning.callbacks.outputs import AnomalyMapPictures
+from vsad_lightning.callbacks.outputs import AnomalyMapPictures, run_dir
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.utils.io import atomic_write_text
+
+SCORE_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "view",
+    "image_path",
+    "view_score",
+    "sample_score",
+    "view_decision",
+    "sample_decision",
+)
+"""Columns of ``scores.csv``. The decisions are ``OK`` or ``NG`` at the thresholds calibrated on
+the training normals (``vsad_lightning.models.calibration``), empty when the checkpoint holds no
+calibration."""
+
+TRUTH_COLUMNS: tuple[str, ...] = ("view_truth", "sample_truth")
+"""The ground truth (``OK``/``NG``), added to the test run's ``scores.csv``."""
+
+
+def _decision(labels: Tensor | None, index: tuple[int, ...]) -> str:
+    if labels is None:
+        return ""
+    return "NG" if int(labels[index]) else "OK"
+
+
+def score_rows(batch: MultiViewBatch, outputs, truth: bool = False) -> list[list[str]]:
+    """One row per view of ``batch`` (``SCORE_COLUMNS``, plus ``TRUTH_COLUMNS`` if ``truth``).
+
+    Scores are those of the model's calibration mode (raw kNN distances for ``none``, else
+    standardised): never probabilities.
+    """
+    rows = []
+    for b in range(batch.batch_size):
+        for v, view in enumerate(batch.view_names):
+            row = [
+                batch.sample_ids[b],
+                view,
+                batch.image_paths[b][v] if batch.image_paths else "",
+                f"{float(outputs.view_scores[b, v]):.6g}",
+                f"{float(outputs.sample_scores[b]):.6g}",
+                _decision(outputs.pred_view_labels, (b, v)),
+                _decision(outputs.pred_sample_labels, (b,)),
+            ]
+            if truth:
+                row += [_decision(batch.view_labels, (b, v)), _decision(batch.sample_labels, (b,))]
+            rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 class PredictionWriter(L.Callback):
     """Write what ``vsad-predict`` produces into ``dir``.
 
-    - ``maps/<sample_id>.png``: the views side by side, the image above its anomaly-map overlay
-      (colour scale 0..``vmax``; ``vmax`` unset means the sample's own largest score).
-    - ``scores.csv``: one row per view: sample_id, view, image_path, view_score, sample_score.
-      Scores are raw kNN distances (not probabilities).
+    - ``maps/<sample_id>.png``: the views side by side, the image above its map overlay (the
+      maps of the model's calibration mode; colour scale 0..``vmax``, ``vmax`` unset means the
+      sample's own largest score).
+    - ``scores.csv``: one row per view, ``SCORE_COLUMNS``: sample_id, view, image_path,
+      view_score, sample_score, view_decision, sample_decision (``OK``/``NG``).
 
     Args:
         dir: the output folder (created; existing files of the same name are replaced).
@@ -42,28 +100,51 @@ class PredictionWriter(L.Callback):
         self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
     ) -> None:
         for b in range(batch.batch_size):
-            maps = outputs.anomaly_maps[b].float().cpu()
+            maps = outputs.normalised_maps[b].float().cpu()
             vmax = self.vmax if self.vmax is not None else float(maps.max())
             picture = self._pictures.render(
                 batch.images[b].float().cpu(), batch.masks[b].float().cpu(), maps, vmax=vmax
             )
             cv2.imwrite(str(self.dir / "maps" / f"{batch.sample_ids[b]}.png"), picture[..., ::-1])
-            for v, view in enumerate(batch.view_names):
-                path = batch.image_paths[b][v] if batch.image_paths else ""
-                self._rows.append(
-                    [
-                        batch.sample_ids[b],
-                        view,
-                        path,
-                        f"{float(outputs.view_scores[b, v]):.6g}",
-                        f"{float(outputs.sample_scores[b]):.6g}",
-                    ]
-                )
+        self._rows.extend(score_rows(batch, outputs))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["sample_id", "view", "image_path", "view_score", "sample_score"])
-        writer.writerows(self._rows)
         self.csv_path = self.dir / "scores.csv"
-        atomic_write_text(self.csv_path, buffer.getvalue())
+        _write_csv(self.csv_path, list(SCORE_COLUMNS), self._rows)
+
+
+class TestScoresWriter(L.Callback):
+    """``<run>/scores.csv`` of a test run: ``SCORE_COLUMNS`` then ``TRUTH_COLUMNS``, one row per
+    view, sorted by sample id.
+
+    Under DDP every rank's rows are gathered (``all_gather_object``) and rank 0 writes; a sample
+    the distributed sampler repeated to even out the shards is written once.
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[list[str]] = []
+        self.csv_path: Path | None = None
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._rows = []
+
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._rows.extend(score_rows(batch, outputs, truth=True))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        rows = self._rows
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            everyone: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, rows)
+            rows = [row for part in everyone for row in part]
+        folder = run_dir(trainer)  # a collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        unique: dict[tuple[str, str], list[str]] = {}
+        for row in rows:
+            unique.setdefault((row[0], row[1]), row)  # the first occurrence wins
+        ordered = sorted(unique.values(), key=lambda row: row[0])  # stable: views keep order
+        self.csv_path = folder / "scores.csv"
+        _write_csv(self.csv_path, [*SCORE_COLUMNS, *TRUTH_COLUMNS], ordered)

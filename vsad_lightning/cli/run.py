@@ -6,7 +6,8 @@ The YAML has the usual LightningCLI sections (``trainer``, ``model``, ``data``,
 
 Run folder: ``<trainer.default_root_dir>/<dataset>/<category>/version_N/`` holding
 ``checkpoints/`` (``last.ckpt`` while training, ``final.ckpt`` with the memory bank),
-TensorBoard event files, ``config.yaml``, ``metrics.json``, ``metrics.csv`` and ``images/``.
+TensorBoard event files, ``config.yaml``, ``metrics.json``, ``metrics.csv``, ``scores.csv``
+(per view: scores, OK/NG decisions and the truth) and ``images/``.
 The logger is set by these commands so that the folder always has this shape.
 
 Resume (``vsad-fit --resume auto``, the default): running the same command again after a
@@ -35,7 +36,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, MetricsFileCallback
-from vsad_lightning.callbacks.predictions import PredictionWriter
+from vsad_lightning.callbacks.predictions import PredictionWriter, TestScoresWriter
 from vsad_lightning.callbacks.preemption import RequeueAtBatchEnd
 from vsad_lightning.cli._common import report_data_errors
 from vsad_lightning.data.datamodule import MultiViewDataModule
@@ -149,6 +150,7 @@ class VSADCLI(LightningCLI):
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
                     MetricsFileCallback(),
+                    TestScoresWriter(),
                     RequeueAtBatchEnd(),
                 ],
             },

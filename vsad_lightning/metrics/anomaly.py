@@ -38,6 +38,9 @@ from vsad_lightning.metrics.curves import (
 # a million pixels); the int64 total stays below 2**63 up to ~1.3e8 regions.
 PRO_UNIT = 2**36
 
+DECISION_LEVELS: tuple[str, ...] = ("view", "sample")
+"""Levels with OK/NG decisions, whose F1 / FPR / FNR ``compute`` returns."""
+
 
 @dataclass(frozen=True)
 class ScoreBinning:
@@ -143,8 +146,9 @@ class AnomalyMetrics(Metric):
     """Pixel / view / sample AUROC and AP, and pixel AUPRO, for multi-view anomaly detection.
 
     ``update`` takes one test batch; ``compute`` returns ``pixel_auroc, pixel_ap, pixel_aupro,
-    view_auroc, view_ap, sample_auroc, sample_ap, n_samples, n_views, n_pixels`` (and
-    ``n_regions``) as floats. A metric with no positives or no negatives is NaN, with a warning.
+    view_auroc, view_ap, sample_auroc, sample_ap``, the decision metrics below, ``n_samples,
+    n_views, n_pixels`` (and ``n_regions``) as floats. A metric with no positives or no
+    negatives is NaN, with a warning.
 
     Pixel level (binned, memory O(num_bins)):
         * AUROC: trapezoid over the ROC with one threshold per bin (tied pairs count half).
@@ -159,9 +163,16 @@ class AnomalyMetrics(Metric):
     View and sample level (exact): scores and labels are kept (a few numbers per sample); AUROC
     by average ranks, AP by scikit-learn's definition. All scores are handled as float32.
 
-    All states reduce across DDP processes: histograms and counts by ``sum``, kept scores by
-    ``cat``. Histograms are integers, so the sum is exact. States are not ``persistent`` (they
-    stay out of checkpoints).
+    Decisions (OK/NG at the thresholds calibrated on normals, ``pred_view_labels`` and
+    ``pred_sample_labels`` of ``update``): confusion counts per level give ``view_f1``,
+    ``view_fpr``, ``view_fnr``, ``sample_f1``, ``sample_fpr``, ``sample_fnr`` with
+    ``F1 = 2 TP / (2 TP + FP + FN)``, ``FPR = FP / (FP + TN)``, ``FNR = FN / (FN + TP)``
+    (NaN where the denominator is 0, and with a warning when only some batches came with
+    decisions; left out when no batch did).
+
+    All states reduce across DDP processes: histograms, confusion and other counts by ``sum``,
+    kept scores by ``cat``. Histograms and counts are integers, so the sum is exact. States are
+    not ``persistent`` (they stay out of checkpoints).
 
     Args:
         num_bins: number of pixel-score bins (DESIGN.md: binned pixel metrics). 2**17 bins cost
@@ -200,6 +211,15 @@ class AnomalyMetrics(Metric):
         self.add_state("view_label_list", [], dist_reduce_fx="cat")
         self.add_state("sample_score_list", [], dist_reduce_fx="cat")
         self.add_state("sample_label_list", [], dist_reduce_fx="cat")
+        # Confusion counts (TP, FP, FN, TN) of the OK/NG decisions, and how many views and
+        # samples came without a decision (then the decision metrics are undefined).
+        for level in DECISION_LEVELS:
+            self.add_state(
+                f"{level}_confusion", torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum"
+            )
+            self.add_state(
+                f"{level}_undecided", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
+            )
 
     # ------------------------------------------------------------------------------- update
     def update(
@@ -210,6 +230,8 @@ class AnomalyMetrics(Metric):
         sample_scores: Tensor,
         view_labels: Tensor,
         sample_labels: Tensor,
+        pred_view_labels: Tensor | None = None,
+        pred_sample_labels: Tensor | None = None,
     ) -> None:
         """Add one batch.
 
@@ -220,6 +242,8 @@ class AnomalyMetrics(Metric):
             sample_scores: ``(B,)`` float.
             view_labels: ``(B, V)`` int, 1 for an anomalous view.
             sample_labels: ``(B,)`` int; must equal the max of the sample's view labels.
+            pred_view_labels, pred_sample_labels: ``(B, V)`` and ``(B,)`` OK/NG decisions (0 or
+                1) at the calibrated thresholds, or ``None`` when the model has none.
 
         Raises:
             ValueError: wrong shapes, labels or masks not in {0, 1}, non-finite scores, a sample
@@ -251,6 +275,30 @@ class AnomalyMetrics(Metric):
         self.view_label_list.append(view_labels.long().flatten())
         self.sample_score_list.append(sample_scores.float().flatten())
         self.sample_label_list.append(sample_labels.long().flatten())
+        for level, predicted, truth in (
+            ("view", pred_view_labels, view_labels),
+            ("sample", pred_sample_labels, sample_labels),
+        ):
+            self._add_decisions(level, predicted, truth)
+
+    def _add_decisions(self, level: str, predicted: Tensor | None, truth: Tensor) -> None:
+        confusion = getattr(self, f"{level}_confusion")
+        if predicted is None:
+            undecided = getattr(self, f"{level}_undecided")
+            undecided += truth.numel()
+            return
+        if tuple(predicted.shape) != tuple(truth.shape):
+            raise ValueError(
+                f"pred_{level}_labels must have shape {tuple(truth.shape)}, "
+                f"got {tuple(predicted.shape)}"
+            )
+        predicted = predicted.detach().long().flatten().to(confusion.device)
+        if bool(((predicted != 0) & (predicted != 1)).any()):
+            raise ValueError(f"pred_{level}_labels must be 0 (OK) or 1 (NG)")
+        truth = truth.detach().long().flatten().to(confusion.device)
+        # index 0: TP (1, 1), 1: FP (1, 0), 2: FN (0, 1), 3: TN (0, 0)
+        index = 2 * (1 - predicted) + (1 - truth)
+        confusion += torch.bincount(index, minlength=4)
 
     def _add_regions(self, bins: Tensor, is_defect: Tensor) -> None:
         """Histogram each region's pixel scores weighted by 1/|region| (fixed point).
@@ -394,11 +442,37 @@ class AnomalyMetrics(Metric):
             else:
                 results[f"{level}_auroc"] = results[f"{level}_ap"] = float("nan")
 
+        for level in DECISION_LEVELS:
+            results.update(self._decision_metrics(level))
+
         results["n_samples"] = float(sample_labels.size)
         results["n_views"] = float(view_labels.size)
         results["n_pixels"] = float(num_normal + num_anomalous)
         results["n_regions"] = float(num_regions)
         return results
+
+    def _decision_metrics(self, level: str) -> dict[str, float]:
+        """F1, FPR and FNR of ``level``'s OK/NG decisions (NaN where undefined)."""
+        tp, fp, fn, tn = (int(c) for c in getattr(self, f"{level}_confusion").tolist())
+        undecided = int(getattr(self, f"{level}_undecided"))
+        names = [f"{level}_{name}" for name in ("f1", "fpr", "fnr")]
+        if tp + fp + fn + tn == 0:
+            return {}  # no decisions at all (a model without calibration): nothing to report
+        if undecided:
+            rank_zero_warn(
+                f"{', '.join(names)} set to NaN: {undecided} {level}s have no OK/NG decision",
+                UserWarning,
+            )
+            return dict.fromkeys(names, float("nan"))
+
+        def ratio(num: int, den: int) -> float:
+            return num / den if den else float("nan")
+
+        return {
+            names[0]: ratio(2 * tp, 2 * tp + fp + fn),
+            names[1]: ratio(fp, fp + tn),
+            names[2]: ratio(fn, fn + tp),
+        }
 
     @staticmethod
     def _defined(

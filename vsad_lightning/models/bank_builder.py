@@ -92,6 +92,10 @@ class StreamingBankBuilder:
         self._projections: dict[int, Tensor | None] = {}
         self.total_rows: dict[int, int] = {}
         """Feature rows per level over all processes, filled by ``build``."""
+        self.kept: dict[int, Tensor] = {}
+        """Per level, the global row indices the coreset kept (filled by ``build``, ratio < 1)."""
+        self.keep_spill = False
+        """True: ``build`` leaves the spill files for ``local_samples`` (``close`` removes them)."""
 
     # --------------------------------------------------------------------------- streaming
     def _projection(self, dim: int) -> Tensor | None:
@@ -168,9 +172,27 @@ class StreamingBankBuilder:
         try:
             for level in self.levels:
                 yield level, self._build_level(level, self._levels[level], all_gather, rank)
-                self._remove(level)
+                if not self.keep_spill:
+                    self._remove(level)
         finally:
-            self.close()
+            if not self.keep_spill:
+                self.close()
+
+    def local_samples(self, level: int, samples: Tensor) -> Tensor:
+        """``(len(samples) * r, D)`` rows of this process's local samples ``samples`` (indices
+        in the order they were added; under DDP local sample ``j`` of rank ``k`` is global
+        sample ``j * world + k``). Needs ``keep_spill``: the spill files outlive ``build``."""
+        spill = self._levels.get(level)
+        if spill is None or not os.path.exists(spill.path):
+            raise RuntimeError(f"bank level {level}: no spill file (set keep_spill before build)")
+        per_sample = spill.rows_per_sample or 0
+        reader = _SpillReader(spill.path, spill.dim)
+        out = torch.empty(samples.numel() * per_sample, spill.dim)
+        for k, sample in enumerate(samples.flatten().tolist()):
+            # A sample's rows are contiguous in the file: one read each.
+            start = int(sample) * per_sample
+            reader.read_into(start, start + per_sample, out[k * per_sample : (k + 1) * per_sample])
+        return out
 
     def close(self) -> None:
         """Remove every remaining spill file."""
@@ -203,6 +225,7 @@ class StreamingBankBuilder:
             points, self.coreset_ratio, projection_dim=points.shape[1], seed=self.seed
         )
         del points
+        self.kept[level] = keep
         return layout.select(stored, keep, spill.dim, self.piece_rows, all_gather)
 
 

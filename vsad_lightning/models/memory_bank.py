@@ -231,6 +231,7 @@ class MemoryBank(nn.Module):
         radius: int,
         *,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        exclude: Tensor | None = None,
     ) -> Tensor:
         """``(B, V, h, w)`` distance of each query to the nearest bank feature NEAR ITS PLACE.
 
@@ -248,6 +249,11 @@ class MemoryBank(nn.Module):
             radius: the search window's half-width in feature positions (0: same position).
             max_chunk_bytes: bound of the per-chunk ``(positions, shifts x B, n)`` score block
                 and its gathered queries.
+            exclude: ``(B,)`` bank sample (index ``0..n-1`` of the ``n`` stored feature maps) that
+                query ``b`` must not be compared with, or -1 for none: the leave-one-out score
+                of a training sample against the bank without its own rows
+                (``vsad_lightning.models.calibration``). It masks that sample's candidates in
+                the search, so the bank is never rebuilt.
         """
         grid = self.grid(level)
         if grid is None:
@@ -270,6 +276,7 @@ class MemoryBank(nn.Module):
         bank = rows.float().view(count, positions, channels)  # (n, P, C), P = V h w
         queries = features.to(rows.device, torch.float32).permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
         batch, device, r = queries.shape[0], queries.device, radius
+        excluded = self._excluded(level, exclude, batch, count, device)
         offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
         shifts = torch.tensor(offsets, device=device)  # (S, 2)
         num_shifts = len(offsets)
@@ -300,6 +307,9 @@ class MemoryBank(nn.Module):
             q = q.reshape(p1 - p0, num_shifts * batch, channels)
             b = bank[:, p0:p1].permute(1, 2, 0)  # (p, C, n): a strided view, no copy
             scores = torch.baddbmm(bank_sq[p0:p1, None, :], q, b, alpha=-2.0)
+            if excluded is not None:
+                query_of, sample_of = excluded
+                scores.view(p1 - p0, num_shifts, batch, count)[:, :, query_of, sample_of] = math.inf
             value, index = scores.min(dim=-1)
             values[p0:p1] = value.view(p1 - p0, num_shifts, batch)
             indices[p0:p1] = index.view(p1 - p0, num_shifts, batch)
@@ -329,6 +339,54 @@ class MemoryBank(nn.Module):
         x_pos = x_idx.view(1, 1, 1, width) + best_dx
         winners = maps[best_row, v_pos, y_pos, x_pos]  # (B, V, h, w, C)
         return (queries - winners).norm(dim=-1)
+
+    @staticmethod
+    def _excluded(
+        level: int, exclude: Tensor | None, batch: int, count: int, device: torch.device
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(queries, bank samples)`` index pairs to mask in ``positional_distances``."""
+        if exclude is None:
+            return None
+        exclude = exclude.to(device=device, dtype=torch.long).flatten()
+        if exclude.numel() != batch:
+            raise ValueError(
+                f"exclude must hold one bank sample per query ({batch}), got {exclude.numel()}"
+            )
+        if bool(((exclude < -1) | (exclude >= count)).any()):
+            raise ValueError(
+                f"bank level {level} holds {count} samples; exclude must be in [-1, {count - 1}], "
+                f"got {exclude.tolist()}"
+            )
+        if count < 2 and bool((exclude >= 0).any()):
+            raise ValueError(
+                f"bank level {level} holds {count} sample: leaving it out leaves nothing to compare"
+            )
+        query_of = torch.nonzero(exclude >= 0).flatten()
+        return query_of, exclude[query_of]
+
+    def num_samples(self, level: int) -> int:
+        """The number of whole feature maps stored at ``level`` (it needs a ``grid``)."""
+        grid = self.grid(level)
+        if grid is None:
+            raise ValueError(f"bank level {level} keeps no positions (built from a coreset)")
+        return self.bank(level).shape[0] // math.prod(grid)
+
+    def sample_features(self, level: int, samples: Tensor) -> Tensor:
+        """``(b, V, C, h, w)`` stored feature maps of bank samples ``samples`` (``(b,)`` indices).
+
+        The inverse of ``flatten_features`` for a bank that keeps whole maps: the features the
+        bank was built from, so leave-one-out calibration scores training samples without
+        extracting their features again.
+        """
+        grid = self.grid(level)
+        if grid is None:
+            raise ValueError(f"bank level {level} keeps no positions (built from a coreset)")
+        views, height, width = grid
+        rows = self.bank(level)
+        maps = rows.view(-1, views * height * width, rows.shape[1])[samples.to(rows.device)]
+        return unflatten_features(
+            maps.reshape(-1, rows.shape[1]).float(), (samples.numel(), views, height, width)
+        )
 
     def distances(
         self,

@@ -124,12 +124,17 @@ def level_distance_maps(
     backend: KnnBackend = "auto",
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     positional_radius: int | None = None,
+    exclude: Tensor | None = None,
 ) -> dict[int, Tensor]:
     """Level -> ``(B, V, h_l, w_l)`` distance of every feature position to the level's bank.
 
     ``positional_radius`` ``None`` searches the whole bank (the paper's global bank); an integer
     searches only the same view within that many positions (``MemoryBank.positional_distances``).
+    ``exclude`` (positional bank only): ``(B,)`` bank sample each query leaves out, -1 for none
+    (leave-one-out calibration; a global bank leaves samples out by k-fold sub-banks instead).
     """
+    if exclude is not None and positional_radius is None:
+        raise ValueError("exclude needs the positional bank (positional_radius); use sub-banks")
     out = {}
     for level, feats in features.items():
         if feats.dim() != 5:
@@ -138,7 +143,7 @@ def level_distance_maps(
             )
         if positional_radius is not None:
             out[level] = bank.positional_distances(
-                level, feats, positional_radius, max_chunk_bytes=max_chunk_bytes
+                level, feats, positional_radius, max_chunk_bytes=max_chunk_bytes, exclude=exclude
             )
             continue
         batch, views, _, height, width = feats.shape

@@ -24,6 +24,13 @@ from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.models.backbones import build_backbone
+from vsad_lightning.models.calibration import (
+    CALIBRATION_MODES,
+    Calibration,
+    CalibrationMode,
+    ThresholdRule,
+    leave_one_out_maps,
+)
 from vsad_lightning.models.features import (
     LATENT_LEVEL,
     FeatureExtractor,
@@ -63,14 +70,31 @@ class AnomalyPrediction:
     """What ``test_step`` and ``predict_step`` return for one batch.
 
     Attributes:
-        anomaly_maps: ``(B, V, 1, H, W)`` raw distances (not probabilities).
-        view_scores: ``(B, V)``, the max of each view's map.
+        anomaly_maps: ``(B, V, 1, H, W)`` raw distances (not probabilities), whatever the
+            calibration mode.
+        normalised_maps: ``(B, V, 1, H, W)`` the maps of the calibration mode
+            (``VSADModule(calibration=...)``; the raw maps for ``none``): the view scores are
+            their maxima and the pixel metrics are computed on them.
+        view_scores: ``(B, V)``, the max of each view's normalised map.
         sample_scores: ``(B,)``, the max over the sample's views.
+        pred_view_labels: ``(B, V)`` int64, 1 = NG at the calibrated view threshold; ``None``
+            when the checkpoint holds no calibration.
+        pred_sample_labels: ``(B,)`` int64, 1 = NG at the calibrated sample threshold.
+        pred_masks: ``(B, V, 1, H, W)`` bool, pixels above their view's threshold (a view is NG
+            exactly when its mask has a pixel).
     """
 
     anomaly_maps: Tensor
     view_scores: Tensor
     sample_scores: Tensor
+    normalised_maps: Tensor | None = None
+    pred_view_labels: Tensor | None = None
+    pred_sample_labels: Tensor | None = None
+    pred_masks: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalised_maps is None:
+            self.normalised_maps = self.anomaly_maps
 
 
 class VSADModule(L.LightningModule):
@@ -123,6 +147,27 @@ class VSADModule(L.LightningModule):
         max_bad_steps: a step whose loss is NaN or inf is skipped (no optimiser step) and
             counted in ``train/skipped_steps``; after this many consecutive such steps training
             stops with ``NonFiniteLossError``.
+        calibration: how view and sample scores are normalised with statistics of the training
+            normals' leave-one-out maps (``vsad_lightning.models.calibration``, computed by
+            ``MemoryBankCallback`` at fit end for every mode, so it can be switched at test
+            time): ``none`` (the paper: raw distances), ``view`` (each view's scores
+            standardised by the normals' view scores of that view) or ``position`` (each map
+            pixel standardised by the normals' maps at that place, then per view). Default
+            ``none`` keeps the paper's scores; ``configs/demo.yaml`` uses ``position``
+            (measured in the README's options table).
+        threshold_rule: how the OK/NG thresholds come from the normals' scores: ``quantile``
+            (the ``threshold_quantile`` quantile, per view and per sample: exactly
+            ``n - 1 - floor((n - 1) q)`` of ``n`` LOO normals are NG, 2 of 40 at 0.95) or
+            ``sigma`` (median + ``threshold_sigma`` x 1.4826 MAD). The 0.95 quantile lies
+            inside the data of ~40 normals (between the 38th and 39th largest) instead of
+            extrapolating a tail shape; measured in the README's options table.
+        threshold_quantile, threshold_sigma: the value of each rule.
+        calibration_floor: the per-pixel spread of the ``position`` mode is at least this
+            fraction of its view's mean spread, so that a place where normals never vary (flat
+            background) cannot turn a tiny change into a huge score; at 1.0 (default) places
+            noisier than the view's average are damped and none is amplified.
+        calibration_folds: the global bank's leave-one-out uses this many folds (sub-banks
+            without one fold's samples); the positional bank leaves out exactly the sample.
     """
 
     def __init__(
@@ -159,10 +204,30 @@ class VSADModule(L.LightningModule):
         positional_radius: int = 2,
         noise_seed: int | None = None,
         max_bad_steps: int = 5,
+        calibration: CalibrationMode = "none",
+        threshold_rule: ThresholdRule = "quantile",
+        threshold_quantile: float = 0.95,
+        threshold_sigma: float = 3.0,
+        calibration_floor: float = 1.0,
+        calibration_folds: int = 5,
     ) -> None:
         super().__init__()
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        if calibration not in CALIBRATION_MODES:
+            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {calibration!r}")
+        if threshold_rule not in ("quantile", "sigma"):
+            raise ValueError(
+                f"threshold_rule must be 'quantile' or 'sigma', got {threshold_rule!r}"
+            )
+        if not 0.0 < threshold_quantile < 1.0:
+            raise ValueError(f"threshold_quantile must be in (0, 1), got {threshold_quantile}")
+        if threshold_sigma <= 0:
+            raise ValueError(f"threshold_sigma must be > 0, got {threshold_sigma}")
+        if calibration_floor < 0:
+            raise ValueError(f"calibration_floor must be >= 0, got {calibration_floor}")
+        if calibration_folds < 2:
+            raise ValueError(f"calibration_folds must be >= 2, got {calibration_folds}")
         self.save_hyperparameters()
         parts = build_backbone(
             backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
@@ -199,6 +264,8 @@ class VSADModule(L.LightningModule):
         if positional_radius < 0:
             raise ValueError(f"positional_radius must be >= 0, got {positional_radius}")
         self.memory_bank = MemoryBank()
+        # Normal-only statistics and thresholds (buffers: they travel in the checkpoint).
+        self.calibration = Calibration()
         self.test_metrics = AnomalyMetrics()
         self.test_results: dict[str, float] | None = None
         # Non-finite-loss bookkeeping; saved in checkpoints so a resume keeps counting.
@@ -395,6 +462,13 @@ class VSADModule(L.LightningModule):
                 f"the memory bank has levels {self.memory_bank.levels} but this model scores "
                 f"levels {sorted(self.level_weights)}: missing {missing}{hint}"
             )
+        mode = self.hparams.calibration
+        if mode != "none" and not self.calibration.is_fitted():
+            raise ValueError(
+                f"model.calibration is {mode!r} but this model holds no calibration (a "
+                "checkpoint written before calibration existed): refit, or test with "
+                "model.calibration none"
+            )
         features = self.extract_features(batch)
         out = score_features(
             self.memory_bank,
@@ -403,11 +477,72 @@ class VSADModule(L.LightningModule):
             weights=self.level_weights,
             sigma=self.hparams.sigma,
             backend=self.hparams.knn_backend,
-            positional_radius=(
-                self.hparams.positional_radius if self.hparams.bank_mode == "positional" else None
-            ),
+            positional_radius=self._positional_radius,
         )
-        return AnomalyPrediction(out.anomaly_maps, out.view_scores, out.sample_scores)
+        if not self.calibration.is_fitted():
+            return AnomalyPrediction(out.anomaly_maps, out.view_scores, out.sample_scores)
+        rule, value = self._threshold_setting
+        if not self.calibration.thresholds_match(rule, value):
+            # The rule was changed at test time: re-derive from the stored normal scores.
+            self.calibration.set_thresholds(rule, value)
+        calibrated = self.calibration.apply(out.anomaly_maps, mode)
+        return AnomalyPrediction(
+            anomaly_maps=out.anomaly_maps,
+            view_scores=calibrated.view_scores,
+            sample_scores=calibrated.sample_scores,
+            normalised_maps=calibrated.maps,
+            pred_view_labels=calibrated.view_labels,
+            pred_sample_labels=calibrated.sample_labels,
+            pred_masks=calibrated.masks,
+        )
+
+    @property
+    def _positional_radius(self) -> int | None:
+        if self.hparams.bank_mode == "positional":
+            return int(self.hparams.positional_radius)
+        return None
+
+    @property
+    def _threshold_setting(self) -> tuple[ThresholdRule, float]:
+        rule = self.hparams.threshold_rule
+        value = (
+            self.hparams.threshold_quantile if rule == "quantile" else self.hparams.threshold_sigma
+        )
+        return rule, float(value)
+
+    # ---------------------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def leave_one_out_maps(
+        self,
+        samples: Tensor,
+        features_of,
+        image_size: tuple[int, int],
+        row_samples: dict[int, Tensor] | None = None,
+    ) -> Tensor:
+        """``(m, V, H, W)`` raw maps of training samples scored without their own bank rows.
+
+        ``calibration.leave_one_out_maps`` with this model's scoring settings (level weights,
+        ``sigma``, bank mode, kNN backend, ``calibration_folds``); ``MemoryBankCallback``
+        calls it with the features the bank was built from.
+        """
+        return leave_one_out_maps(
+            self.memory_bank,
+            samples,
+            features_of,
+            image_size,
+            self.level_weights,
+            self.hparams.sigma,
+            positional_radius=self._positional_radius,
+            folds=self.hparams.calibration_folds,
+            row_samples=row_samples,
+            backend=self.hparams.knn_backend,
+        )
+
+    @torch.no_grad()
+    def fit_calibration(self, loo_maps: Tensor) -> None:
+        """Fill ``self.calibration`` from the LOO maps of every training normal."""
+        rule, value = self._threshold_setting
+        self.calibration.fit(loo_maps, floor=self.hparams.calibration_floor, rule=rule, value=value)
 
     # ----------------------------------------------------------------------------- evaluation
     def on_test_epoch_start(self) -> None:
@@ -417,12 +552,14 @@ class VSADModule(L.LightningModule):
     def test_step(self, batch: MultiViewBatch, batch_idx: int) -> AnomalyPrediction:
         prediction = self.score(batch)
         self.test_metrics.update(
-            prediction.anomaly_maps,
+            prediction.normalised_maps,
             batch.masks,
             prediction.view_scores,
             prediction.sample_scores,
             batch.view_labels,
             batch.sample_labels,
+            pred_view_labels=prediction.pred_view_labels,
+            pred_sample_labels=prediction.pred_sample_labels,
         )
         return prediction
 
