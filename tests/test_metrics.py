@@ -106,7 +106,7 @@ def labels_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def update_from_maps(metric: AnomalyMetrics, maps: torch.Tensor, masks: torch.Tensor) -> None:
-    """Update with view score = max of the map and sample score = max over views (DESIGN.md)."""
+    """Update with view score = max of the map and sample score = max over views."""
     view_labels, sample_labels = labels_from_masks(masks)
     view_scores = maps.flatten(2).amax(dim=2)
     metric.update(maps, masks, view_scores, view_scores.amax(dim=1), view_labels, sample_labels)
@@ -303,7 +303,7 @@ def test_perfect_reversed_and_random_scores() -> None:
 
 
 def test_raw_distances_are_not_squashed_like_logits() -> None:
-    """50..5000 distances give the AUROC of the same scores / 5000 (anomalib issue 3407)."""
+    """50..5000 distances give the AUROC of the same scores / 5000 (anomalib#3407)."""
     generator = torch.Generator().manual_seed(4)
     _, masks = synthetic_batch(generator, batch=4, views=3, size=32, scale=1.0)
     maps = 50 + 4950 * torch.rand(masks.shape, generator=generator) ** (2 - masks)

@@ -1,8 +1,8 @@
 """``MemoryBankCallback``: build the memory bank of normal features when training ends.
 
-DESIGN.md (Inference and scoring): features of all training views, or a greedy k-center
+docs/method.md#memory-bank: features of all training views, or a greedy k-center
 coreset, per level; stored as module buffers so the bank travels in the checkpoint; under DDP
-every rank's features reach the bank (the pitfall of anomalib issue 2673).
+every rank's features reach the bank (the pitfall of anomalib#2673).
 """
 
 from __future__ import annotations
