@@ -1,4 +1,4 @@
-"""Time and memory of one MVAM (forward + backward) at one decoder level (DESIGN.md, MVAM).
+"""Time and memory of one MVAM (forward + backward) at one decoder level (docs/method.md#mvam).
 
 ``bench_mvam_level`` is shared by ``benchmarks/bench_mvam.py`` and anything else that wants the
 cost of a level. Memory is reported three ways, because CPU PyTorch has no allocator statistics:

@@ -9,7 +9,7 @@ bars), plus the runs under ``<out>/runs/<variant>/``.
     python benchmarks/accuracy.py --quick               # 64 px, 1 epoch: a smoke-scale table
     python benchmarks/accuracy.py --variants full single_view
 
-Variants (issue 6):
+Variants:
 - ``full``: the base config as it is (the demo's: 64 px, positional bank, latent level).
 - ``mvam_off`` / ``frm_off``: ``model.use_mvam`` / ``model.use_frm`` false.
 - ``R1`` / ``R3`` / ``R5``: MVAM's candidate window ``model.window``.
@@ -18,7 +18,7 @@ Variants (issue 6):
 - ``single_view``: the PatchCore-style baseline: the same backbone, features and training
   budget, no MVAM, no FRM, each view scored on its own against one global bank, raw distances.
 - ``global_bank`` / ``no_norm`` / ``no_latent``: the scoring choices of the embedded default
-  (issue 6, section 5), each switched back to the paper's on its own: the whole-bank search,
+  (docs/choices.md), each switched back to the paper's on its own: the whole-bank search,
   no feature normalisation, no latent level (``model.latent_weight 0``).
 - ``no_calibration``: raw distances (``model.calibration none``) instead of the demo's scores
   standardised per position and per view on the training normals.

@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/bank_scale.py [--quick] [--out benchmarks/results/bank_scale.md]``.
 
-Three parts (issue 6, section 4; DESIGN.md, Inference and scoring):
+Three parts (docs/method.md#memory-bank):
 
 1. **Projection.** Bank rows per level = training samples x views x positions of the level, for
    Stable Diffusion 2 base's U-Net at 256x256 (and 512x512) input. The level shapes are read

@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/knn.py [--quick] [--out benchmarks/results/knn.md]`` (not a test).
 
-Workload (DESIGN.md, Inference and scoring): a bank of N rows of width D, and the positions of
+Workload (docs/method.md#scoring): a bank of N rows of width D, and the positions of
 one test sample as queries (5 views x 64 x 64 = 20480 rows). Methods:
 
 * ``ours``      ``nearest_distance(backend="auto")``, what the configs run: the exact

@@ -6,8 +6,8 @@ Usage:
     python benchmarks/latency.py --device cuda --dtype bf16 --sizes 256 512
         (writes benchmarks/results/latency_<gpu name>.md unless --out is given)
 
-One test sample = 5 views, scored as ``VSADModule.score`` does (DESIGN.md, Inference and
-scoring), split into the stages it runs in order:
+One test sample = 5 views, scored as ``VSADModule.score`` does (docs/method.md#scoring),
+split into the stages it runs in order:
 
 * ``encode``     images -> scaled latents (``z = s E(I)``),
 * ``inversion``  DDIM inversion of the latents to ``t*`` (``inversion_steps`` U-Net passes with

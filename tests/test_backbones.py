@@ -1,4 +1,4 @@
-"""Backbone builders: the tiny default and local SD2-layout folders (DESIGN.md, Training)."""
+"""Backbone builders: the tiny default and local SD2-layout folders (docs/method.md#encoder)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input through the real console scripts (issue 7 §1): one readable line, exit code 2.
+"""Bad input through the real console scripts: one readable line, exit code 2.
 
 Each case corrupts a fresh copy of the small synthetic Real-IAD root (``synthetic_root_cached``,
 true homographies as its cache) and runs ``vsad-fit`` (or ``vsad-homography``) as a user
@@ -391,7 +391,7 @@ def test_only_unreliable_pairs_between_neighbours_are_reported(
     assert report["pairs"]["C2->C4"]["status"] == "unreliable"  # the evidence stays complete
     warned = [str(w.message) for w in recwarn if "unreliable neighbour pairs" in str(w.message)]
     assert len(warned) == 1 and "1 unreliable neighbour pairs" in warned[0]
-    # Identity fallback (DESIGN.md): the batch carries no geometry for that pair.
+    # Identity fallback: the batch carries no geometry for that pair.
     batch = next(iter(dm.train_dataloader()))
     assert torch.equal(batch.homographies[0, 0, 4], torch.eye(3))
     assert not torch.equal(batch.homographies[0, 0, 1], torch.eye(3))

@@ -1,4 +1,4 @@
-"""Data safety and loading safety (issue 7 §4, §5), through the real console scripts.
+"""Data safety and loading safety, through the real console scripts.
 
 One synthetic Real-IAD root goes through ``vsad-homography``, ``vsad-fit``, ``vsad-test`` and
 ``vsad-predict``. Every file of the dataset is hashed before and after: nothing may change, and
@@ -6,7 +6,7 @@ nothing may appear except inside the documented cache folder ``<root>/vsad_cache
 checkpoints ``vsad-fit`` writes must load with ``torch.load(..., weights_only=True)``, and a
 checkpoint holding an arbitrary object (a pickle bomb) must be refused with one clear line.
 The cache marks two neighbouring pairs unreliable: the run warns and lists them in its
-``homographies.json`` (identity fallback, DESIGN.md, Homographies).
+``homographies.json`` (they leave the neighbour graph).
 """
 
 from __future__ import annotations

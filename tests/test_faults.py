@@ -1,4 +1,4 @@
-"""Faults and reproducibility (issue 7 §2-3): resume after a crash or ``kill -9``, NaN/inf
+"""Faults and reproducibility: resume after a crash or ``kill -9``, NaN/inf
 losses, an unwritable run folder, atomic writes, identical results from identical runs.
 
 The in-process tests drive a real ``Trainer`` on the session's synthetic set; the end-to-end

@@ -1,4 +1,4 @@
-"""DDIM inversion and the feature extractor (DESIGN.md, Inference and scoring)."""
+"""DDIM inversion and the feature extractor (docs/method.md#inversion)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FRM and the consistency loss L_r (DESIGN.md, FRM)."""
+"""FRM and the consistency loss L_r (docs/method.md#frm)."""
 
 from __future__ import annotations
 

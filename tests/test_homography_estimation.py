@@ -1,4 +1,4 @@
-"""Homography estimation (DESIGN.md, Homographies): real photographs and known synthetic truth.
+"""Homography estimation (docs/datasets.md): real photographs and known synthetic truth.
 
 Conventions. The project stores homographies on pixel-centre coordinates (pixel ``i`` has its
 centre at ``i + 0.5``). OpenCV's ``warpPerspective`` and the Oxford ground truth ``H1to3p.xml``
@@ -117,7 +117,7 @@ def test_graffiti_pair_matches_oxford_ground_truth():
     error = transfer_error(estimate.H, H_true, points)
     assert np.median(error) < 1.5, np.median(error)
     assert np.percentile(error, 95) < 4.0, np.percentile(error, 95)
-    # The four image corners, as DESIGN.md phrases the check ("within a few pixels").
+    # The four image corners "within a few pixels" (docs/datasets.md#homography-estimation).
     corners = np.array([[0.5, 0.5], [799.5, 0.5], [799.5, 639.5], [0.5, 639.5]])
     assert transfer_error(estimate.H, H_true, corners).max() < 8.0
 

@@ -312,7 +312,7 @@ def test_perfect_reversed_and_random_scores() -> None:
 
 
 def test_raw_distances_are_not_squashed_like_logits() -> None:
-    """50..5000 distances give the AUROC of the same scores / 5000 (anomalib issue 3407)."""
+    """50..5000 distances give the AUROC of the same scores / 5000 (anomalib#3407)."""
     generator = torch.Generator().manual_seed(4)
     _, masks = synthetic_batch(generator, batch=4, views=3, size=32, scale=1.0)
     maps = 50 + 4950 * torch.rand(masks.shape, generator=generator) ** (2 - masks)

@@ -1,4 +1,4 @@
-"""MVAM (DESIGN.md, MVAM): candidate geometry, exactness against a loop reference, init, dtypes."""
+"""MVAM (docs/method.md#mvam): candidate geometry, exactness vs a loop reference, init, dtypes."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_points_behind_the_camera_are_invalid():
 
 # ----------------------------------------------------------------------------- exactness
 def reference_mvam(module: MVAM, x: torch.Tensor, H: torch.Tensor, mask: torch.Tensor):
-    """DESIGN.md MVAM steps 1-5 written out with explicit loops, in float64."""
+    """docs/method.md#mvam steps 1-5 written out with explicit loops, in float64."""
     B, V, C, h, w = x.shape
     R, r, heads, dh, L = (
         module.window,

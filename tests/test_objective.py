@@ -1,4 +1,4 @@
-"""The training objective L = L_d + λ_r L_r (DESIGN.md, Training and FRM)."""
+"""The training objective L = L_d + λ_r L_r (docs/method.md#training)."""
 
 from __future__ import annotations
 

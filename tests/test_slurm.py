@@ -1,4 +1,4 @@
-"""The slurm/ scripts on a real one-node SLURM cluster (issue 5).
+"""The slurm/ scripts on a real one-node SLURM cluster.
 
 ``tests/slurm_cluster.py`` installs ``slurm-wlm`` and ``munge`` when they are missing (root),
 starts ``munged``, ``slurmctld`` and ``slurmd`` for this module and stops them afterwards.

@@ -71,7 +71,7 @@ def test_true_homographies_are_consistent_and_overlap():
             for k in range(5):  # v -> k -> u equals v -> u
                 composed = H[k, u] @ H[v, k]
                 assert np.allclose(composed / composed[2, 2], H[v, u], atol=1e-9)
-    # DESIGN.md: every neighbouring pair of top_and_ring overlaps substantially (> 40 %).
+    # Every neighbouring pair of top_and_ring overlaps substantially (> 40 %).
     grid = pixel_centres(n)
     for v, u in zip(*np.nonzero(NEIGHBOURS), strict=True):
         fraction = len(overlap_points(H[v, u], n, count=n)) / len(grid)
@@ -223,7 +223,7 @@ def root_256(tmp_path_factory) -> Path:
 
 
 def test_estimated_homographies_match_the_truth(root_256):
-    """DESIGN.md, Homographies: SIFT + ratio test + pooled MAGSAC on K=8 normal samples."""
+    """docs/datasets.md: SIFT + ratio test + pooled MAGSAC on K=8 normal samples."""
     cache = ensure_homography_cache(root_256, "brick", 256, num_samples=8)
     truth = HomographyCache.load(root_256 / TRUTH_DIR / "brick.json")
     assert cache.image_size == (256, 256)

@@ -1,4 +1,4 @@
-"""ViewAlignedUNet: identity at init, training, checkpointing, layouts (DESIGN.md, MVAM, FRM)."""
+"""ViewAlignedUNet: identity at init, training, checkpointing, layouts (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """``MemoryBankCallback``: build the memory bank of normal features when training ends, then
 calibrate the scores on those normals.
 
-DESIGN.md (Inference and scoring): features of all training views, or a greedy k-center
+docs/method.md#memory-bank: features of all training views, or a greedy k-center
 coreset, per level; stored as module buffers so the bank travels in the checkpoint; under DDP
-every rank's features reach the bank (the pitfall of anomalib issue 2673). The calibration
+every rank's features reach the bank (the pitfall of anomalib#2673). The calibration
 (``vsad_lightning.models.calibration``) scores every training normal against the bank without
 its own rows, from the features the bank was built from (never extracted twice), and stores
 normal-only statistics and OK/NG thresholds as module buffers too.

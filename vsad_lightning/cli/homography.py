@@ -3,8 +3,8 @@
 Contract: ``--root`` is a dataset root (Real-IAD layout by default); every ordered pair of the
 category's views gets a homography mapping pixel-centre coordinates of the source view to the
 target view at the dataset's stored image size, estimated from ``--samples`` normal training
-samples (SIFT, ratio test, pooled matches, one MAGSAC++ fit per pair; DESIGN.md,
-Homographies). The per-pair table is printed; the JSON goes to
+samples (SIFT, ratio test, pooled matches, one MAGSAC++ fit per pair;
+docs/datasets.md#homography-estimation). The per-pair table is printed; the JSON goes to
 ``<root>/vsad_cache/homographies_<category>_<resolution>.json`` unless ``--out`` says
 otherwise. The file is (re)built every time this command runs.
 """

@@ -1,6 +1,6 @@
 """``vsad-report RUNS_DIR``: one table of every category's ``metrics.json`` below a folder.
 
-One row per category, then the mean over categories (DESIGN.md, Evaluation). When a category
+One row per category, then the mean over categories (docs/evaluation.md). When a category
 has several runs (re-runs, ``vsad-test`` of a checkpoint, a requeued job), its newest
 ``metrics.json`` (by modification time) is the one that counts; the others are listed below
 the table so nothing is dropped silently. Writes ``report.md``, ``report.csv`` and

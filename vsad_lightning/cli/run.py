@@ -316,7 +316,7 @@ def fit_main(args: list[str] | None = None) -> int:
             print(f"resuming from {ckpt}", flush=True)
     if ckpt is not None and ckpt not in ("last", "hpc"):  # Lightning's named checkpoints
         _require_checkpoint(ckpt)
-    # weights_only: checkpoints never need arbitrary unpickling (issue 7, loading safety).
+    # weights_only: checkpoints never need arbitrary unpickling (loading safety).
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     _drop_consumed_hpc_checkpoints(cli.trainer)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)

@@ -1,6 +1,6 @@
 """The typed containers that flow from the datasets to the system.
 
-Shapes follow DESIGN.md (Notation and shapes). ``V`` is the number of views, ``H, W`` the
+Shapes follow docs/conventions.md#tensor-shapes. ``V`` is the number of views, ``H, W`` the
 image size after the DataModule's transform.
 """
 

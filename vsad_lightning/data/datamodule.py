@@ -16,14 +16,24 @@ and checks the test split: ``vsad-fit`` tests right after training, and a bad te
 then would cost the whole run. Every process checks its own files (a header check of Real-IAD's
 150,000 images reads a few hundred bytes each); ``check_files="none"`` skips it.
 
-Unreliable homography pairs of the cache (too few inliers, DESIGN.md, Homographies) do not stop
-a run: they fall back to the identity (``HomographyCache.matrices``), ``setup`` warns about the
-ones between neighbouring views, and ``homography_report()`` describes them for the run folder.
+Unreliable homography pairs of the cache (too few inliers or inconsistent directions,
+``geometry.estimation``) do not stop a run: they leave the neighbour graph. The batches'
+``neighbour_mask`` (``neighbour_graph_mask()``) is the graph's mask minus every unreliable
+pair, in both directions, so MVAM's candidates, the consistency loss L_r and any cross-view
+scoring never look across a pair whose geometry is unknown (no correspondence is invented).
+``setup`` warns about the removed pairs, and ``homography_report()`` lists them for the run
+folder. This is the one place that computes the mask.
 
 Every sample is resized to ``image_size`` and normalised to [-1, 1]; masks stay exactly 0/1;
-homographies come from the category's cache rescaled to ``image_size`` (DESIGN.md, Notation).
-``prepare_data`` (one process per node under DDP) builds the cache when it is missing with
-``ensure_homography_cache``; ``setup`` (every process) only loads it.
+homographies are rescaled to ``image_size`` (pixel-centre scaling, ``geometry.projection``).
+They come from the category's cache, and with ``per_sample_homographies`` (the default) each
+sample's neighbour pairs come from its own images instead: ``estimate_sample_homographies``
+(``geometry.per_sample``) with the category cache as prior, at the stored image resolution,
+for the pairs of the reduced neighbour graph only. ``prepare_data`` (one process per node
+under DDP) builds what is missing: the category cache (``ensure_homography_cache``) and one
+per-sample file per split next to it (``data.sample_homographies``); ``setup`` (every process)
+only loads them. A ``setup`` called without a Trainer (a user's script, one process) estimates
+what is missing itself.
 
 The training loader's order is a pure function of ``(seed, epoch, rank)``
 (``ResumableShuffleSampler``), so training is reproducible and a resumed run sees exactly the

@@ -58,8 +58,8 @@ class SampleRecord:
 
     @property
     def view_labels(self) -> list[int]:
-        """1 for a view with a mask file, from the index alone (DESIGN.md, Datasets: "a view is
-        anomalous when it has a mask"). The dataset's samples refine this with the mask's
+        """1 for a view with a mask file, from the index alone (docs/datasets.md: a view is
+        anomalous when it has a mask). The dataset's samples refine this with the mask's
         content: a mask (or MANTA strip crop) without any defect pixel marks nothing."""
         return [int(v.mask_path is not None) for v in self.views]
 

@@ -1,4 +1,4 @@
-"""Load a category's homography cache, or estimate and write it (DESIGN.md, Homographies).
+"""Load a category's homography cache, or estimate and write it (docs/datasets.md).
 
 ``ensure_homography_cache`` is the one place that decides where a cache lives and builds a
 missing one from ``K`` normal training samples; ``vsad-homography`` and the DataModule's

@@ -1,4 +1,4 @@
-"""MANTA: each image is a horizontal strip of ``V`` equal views (DESIGN.md, Datasets).
+"""MANTA: each image is a horizontal strip of ``V`` equal views (docs/datasets.md#manta).
 
 Layout (``category`` is ``"<domain>/<class>"``)::
 

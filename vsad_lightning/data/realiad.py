@@ -1,4 +1,4 @@
-"""Real-IAD: five views per sample, split lists in JSON (DESIGN.md, Datasets).
+"""Real-IAD: five views per sample, split lists in JSON (docs/datasets.md#real-iad).
 
 Layout::
 

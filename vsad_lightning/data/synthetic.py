@@ -1,11 +1,11 @@
 """Synthetic multi-view samples with exactly known homographies and defects.
 
-The scene (DESIGN.md, Datasets: "a synthetic generator ... with known homographies and
-defects"): a flat textured object lies on a plane and five cameras look at it, C1 from straight
+The scene (docs/datasets.md#synthetic, the simple rig): a flat textured object lies on a
+plane and five cameras look at it, C1 from straight
 above and C2..C5 obliquely from four sides, in ring order (the Real-IAD rig). Each view is
 rendered as a perspective warp of one *plane image*, so the map from view ``v`` to view ``u``
 is exactly ``K_u K_v^-1`` where ``K_v`` maps plane-image pixel centres to view-``v`` pixel
-centres (DESIGN.md, Notation: pixel ``i`` has centre ``i + 0.5``).
+centres (docs/conventions.md#coordinates: pixel ``i`` has centre ``i + 0.5``).
 
 What varies, and why:
 

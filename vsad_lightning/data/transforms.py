@@ -1,8 +1,8 @@
 """Resize and normalise the views of one sample, and rescale its homographies to match.
 
 Images and masks are resized with the same geometry (OpenCV's pixel-centre convention), so
-the homography at the new size is exactly ``scale_homography(H, native, new)`` (DESIGN.md,
-Notation: ``H_l = S H S^-1``). Images: area averaging when shrinking, bilinear when growing,
+the homography at the new size is exactly ``scale_homography(H, native, new)``
+(docs/conventions.md#rescaling). Images: area averaging when shrinking, bilinear when growing,
 then ``[0, 255] -> [-1, 1]``. Masks: nearest neighbour on pixel centres
 (``cv2.INTER_NEAREST_EXACT``), so they stay exactly 0 or 1.
 """

@@ -1,4 +1,4 @@
-"""Homography estimation between camera views (DESIGN.md, Homographies).
+"""Homography estimation between camera views (docs/datasets.md#homography-estimation).
 
 For an ordered pair of views ``(v, u)`` and ``K`` normal training samples (the same physical
 object seen by both cameras):
@@ -505,7 +505,7 @@ def estimate_homographies(
 
     SIFT runs once per image (``K x V`` detections); every pair reuses those features.
 
-    Inverse consistency (DESIGN.md: ``H(u->v)`` must be consistent with ``inv(H(v->u))``).
+    Inverse consistency (``H(u->v)`` must agree with ``inv(H(v->u))``; docs/datasets.md).
     Each unordered pair is estimated in both directions independently (separate ratio tests
     and robust fits). Then:
 

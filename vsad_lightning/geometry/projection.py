@@ -1,4 +1,4 @@
-"""Homography algebra on pixel-centre coordinates (DESIGN.md, Notation and shapes).
+"""Homography algebra on pixel-centre coordinates (docs/conventions.md#coordinates).
 
 Convention: pixel ``(i, j)`` (column ``i``, row ``j``) covers ``[i, i+1) x [j, j+1)`` and its
 centre is ``(i + 0.5, j + 0.5)``. With this convention, changing resolution is a pure scaling
@@ -25,8 +25,8 @@ def scale_matrix(
 def scale_homography(H: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
     """Rescale homographies ``(..., 3, 3)`` from image size ``(W, H)`` to ``(w, h)``.
 
-    ``H_l = S H S^-1`` (DESIGN.md). Computed in float64 so that deep levels of large images
-    keep sub-pixel accuracy, then cast back.
+    ``H_l = S H S^-1`` (docs/conventions.md#rescaling). Computed in float64 so that deep
+    levels of large images keep sub-pixel accuracy, then cast back.
     """
     S = scale_matrix(from_size, to_size, dtype=torch.float64, device=H.device)
     S_inv = scale_matrix(to_size, from_size, dtype=torch.float64, device=H.device)
@@ -77,7 +77,7 @@ NEIGHBOUR_GRAPHS = ("all", "ring", "top_and_ring")
 
 
 def neighbour_mask(graph: str, num_views: int) -> Tensor:
-    """``(V, V)`` bool neighbour mask for a named graph (DESIGN.md, Homographies).
+    """``(V, V)`` bool neighbour mask for a named graph (docs/conventions.md#neighbour-graphs).
 
     - ``all``: every other view.
     - ``ring``: views ``v - 1`` and ``v + 1`` (cyclic).

@@ -1,13 +1,13 @@
-"""``AnomalyMetrics``: pixel, view and sample AUROC / AP and pixel AUPRO (DESIGN.md, Evaluation).
+"""``AnomalyMetrics``: pixel, view and sample AUROC / AP and pixel AUPRO (docs/evaluation.md).
 
 Pixel level covers every pixel of every test view. Storing them for an exact ROC would grow
-without bound at Real-IAD scale (DESIGN.md, Pitfalls), so pixel scores are counted into fixed
+without bound at Real-IAD scale (docs/evaluation.md), so pixel scores are counted into fixed
 histograms instead: memory is O(bins) whatever the number of test pixels, and the histograms of
 several processes add up (DDP ``sum``). View and sample scores are few, so they are kept and
 their AUROC and AP are exact.
 
 Scores are raw kNN distances of unknown scale. They are never squashed by a sigmoid or read as
-logits (anomalib issue 3407); the binning below has the same relative resolution at every scale,
+logits (anomalib#3407); the binning below has the same relative resolution at every scale,
 so 1e-3-scale and 1e3-scale distances are resolved equally well.
 """
 
@@ -175,12 +175,12 @@ class AnomalyMetrics(Metric):
     not ``persistent`` (they stay out of checkpoints).
 
     Args:
-        num_bins: number of pixel-score bins (DESIGN.md: binned pixel metrics). 2**17 bins cost
+        num_bins: number of pixel-score bins (docs/evaluation.md#binned-metrics). 2**17 bins cost
             3 MiB of int64 state.
         linear_width: scores with ``|s|`` below this are binned linearly, above it
             logarithmically (see ``ScoreBinning``).
         max_abs_score: scores beyond ``±max_abs_score`` share the end bins.
-        aupro_max_fpr: FPR limit of the AUPRO (DESIGN.md: 0.3).
+        aupro_max_fpr: FPR limit of the AUPRO (0.3, docs/evaluation.md#aupro).
         **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
     """
 

@@ -1,12 +1,12 @@
 """Threshold curves and their areas: binned (pixel level) and exact (view and sample level).
 
-DESIGN.md, Evaluation. Pixel scores arrive as histograms over fixed score bins (see
+docs/evaluation.md. Pixel scores arrive as histograms over fixed score bins (see
 ``anomaly.ScoreBinning``); a bin is one threshold "score >= lower edge of the bin", and scores
 that share a bin are tied. View and sample scores are few, so they are kept and handled exactly.
 
 Every function works in float64 numpy on the CPU and returns NaN when the area is undefined (no
 positives or no negatives); the caller decides whether to warn. Raw distances are used as they
-are: nothing here applies a sigmoid or reads scores as logits (anomalib issue 3407).
+are: nothing here applies a sigmoid or reads scores as logits (anomalib#3407).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``write_metrics`` is called by the metrics-file callback at the end of testing;
 ``collect_metrics`` and ``format_metrics_table`` serve the printed table of the console scripts
-and ``vsad-report`` (per category, then the mean over categories: DESIGN.md, Evaluation).
+and ``vsad-report`` (per category, then the mean over categories: docs/evaluation.md#aggregation).
 """
 
 from __future__ import annotations

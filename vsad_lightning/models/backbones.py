@@ -1,6 +1,6 @@
 """Backbones: the diffusion U-Net, the frozen image encoder, the noise schedule, the prompt.
 
-DESIGN.md, Training: two backbones.
+Two backbones (docs/method.md#encoder, docs/choices.md#backbone).
 
 - ``sd2``: Stable Diffusion 2 base from a LOCAL folder (the hub repositories are gone; users bring
   a copy). A complete folder holds::
@@ -19,8 +19,8 @@ DESIGN.md, Training: two backbones.
 - ``tiny``: a small randomly initialised U-Net trained from scratch on a laptop CPU (the embedded
   default). Its image encoder is a fixed invertible pixel-unshuffle by 4 (``tiny_encoder=
   "unshuffle"``, default) or a tiny random, untrained ``AutoencoderKL`` (``tiny_encoder="vae"``;
-  training it in the same run is future work). Its prompt embedding is zeros (DESIGN.md: "zeros
-  for a model trained from scratch").
+  training it in the same run is future work). Its prompt embedding is zeros (a model trained
+  from scratch has no text encoder; docs/method.md#view-aligned-u-net).
 
 The noise schedule is a diffusers ``DDPMScheduler`` (it provides ``add_noise``,
 ``alphas_cumprod`` and ``config.num_train_timesteps``); schedulers hold no weights, so they are
@@ -289,7 +289,7 @@ def _load_prompt_embedding(path: Path) -> Tensor:
         "", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     )
     with torch.no_grad():
-        # The text encoder runs once here, never per training step (DESIGN.md, Training).
+        # The text encoder runs once here, never per training step (docs/method.md#training).
         embedding = text_encoder(tokens.input_ids)[0]
     return embedding.float()
 

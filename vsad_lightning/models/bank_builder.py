@@ -1,6 +1,6 @@
 """Streaming memory-bank build: feature rows go to disk as they are extracted.
 
-DESIGN.md (Inference and scoring) keeps all training features, or a greedy k-center coreset
+The bank (docs/method.md#memory-bank) keeps all training features, or a greedy k-center coreset
 (ratio rho) of them, per level. Collecting them in RAM first (a list of batches, ``torch.cat``,
 a DDP all-gather) needs two to three times the full feature set, which for one Real-IAD
 category at SD2 widths is tens of GB (``benchmarks/bank_scale.py``). This builder holds at most

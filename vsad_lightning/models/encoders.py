@@ -1,6 +1,6 @@
 """Frozen image encoders and decoders: images <-> scaled latents ``z = s E(I)``.
 
-DESIGN.md, Training: ``z_v = s * E(I_v)`` with the frozen VAE (latent mean; SD2's scaling factor
+docs/method.md#encoder: ``z_v = s * E(I_v)`` with the frozen VAE (latent mean; SD2's scaling factor
 0.18215 comes from the VAE config). The tiny backbone (trained from scratch on a CPU) uses a
 fixed, exactly invertible pixel-unshuffle instead, so no autoencoder has to be trained first.
 Every encoder maps ``(N, 3, H, W)`` images in [-1, 1] to ``(N, c, H / f, W / f)`` latents.

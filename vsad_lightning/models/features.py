@@ -1,8 +1,8 @@
 """Feature extraction for scoring: DDIM inversion (or fixed forward noising) then one capture.
 
-DESIGN.md, Inference and scoring: "DDIM inversion of z_v from t=0 to t* in n steps with MVAM
+docs/method.md#inversion: DDIM inversion of z_v from t=0 to t* in n steps with MVAM
 active, then one U-Net pass at t* capturing F^(l) after FRM at the chosen levels. A cheaper
-``noise`` mode (deterministic forward noising with a fixed seed) is an option."
+``noise`` mode (deterministic forward noising with a fixed seed) is an option.
 
 DDIM here is deterministic (eta = 0) on the timesteps ``0 = t_0 < t_1 < ... < t_n = t*``
 (``inversion_timesteps``). One step between ``t_a < t_b`` with the noise estimate ``ε̂``:
@@ -124,7 +124,7 @@ def fixed_noise(shape: Sequence[int], seed: int) -> Tensor:
 
 
 class FeatureExtractor:
-    """Per-level features ``F^(l)`` of latents (DESIGN.md, Inference and scoring).
+    """Per-level features ``F^(l)`` of latents (docs/method.md#inversion).
 
     Args:
         mode: ``inversion``: DDIM-invert ``z0`` to ``t_star`` in ``num_steps`` steps with MVAM

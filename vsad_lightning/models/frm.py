@@ -1,4 +1,4 @@
-"""FRM, the Fusion Refiner Module, and its consistency loss L_r (DESIGN.md, "FRM").
+"""FRM, the Fusion Refiner Module, and its consistency loss L_r (docs/method.md#frm).
 
 ``F_v = x̃_v + W_2 GELU(W_1 [GN(x̃_v); g])`` with ``g = mean_v GAP(x̃_v)`` the global
 multi-view context of the sample and ``W_2`` zero-initialised (identity at step 0).
@@ -73,7 +73,7 @@ def pixel_to_grid_sample(coords: Tensor, width: int, height: int) -> Tensor:
 
 
 def consistency_loss(features: Tensor, homographies: Tensor, neighbour_mask: Tensor) -> Tensor:
-    """``L_r`` at one level (DESIGN.md, FRM), all ordered neighbour pairs at once.
+    """``L_r`` at one level (docs/method.md#consistency-loss), all ordered neighbour pairs at once.
 
     Args:
         features: ``(B, V, C, h, w)``, the FRM outputs.

@@ -1,6 +1,6 @@
 """Exact nearest-neighbour L2 distances from query rows to a memory bank.
 
-DESIGN.md (Inference and scoring): the pixel score uses ``min_{m in M} || F(p) - m ||_2`` for
+docs/method.md#scoring: the pixel score uses ``min_{m in M} || F(p) - m ||_2`` for
 every position ``p`` of every test view, against banks of up to millions of rows. This module
 computes that minimum exactly, in bounded memory.
 

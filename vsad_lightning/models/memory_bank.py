@@ -1,6 +1,6 @@
 """The memory bank of normal features, its feature layout, and greedy k-center coresets.
 
-DESIGN.md (Inference and scoring): one bank ``M^(l)`` per decoder level, holding the features
+docs/method.md#memory-bank: one bank ``M^(l)`` per decoder level, holding the features
 of all training views (the paper's choice) or a greedy k-center coreset (ratio rho) of them.
 The banks are module buffers, so they travel in Lightning checkpoints; a checkpoint's banks can
 be loaded into a fresh, empty ``MemoryBank`` (see ``MemoryBank._load_from_state_dict``).
@@ -58,7 +58,7 @@ def greedy_coreset(
 ) -> Tensor:
     """Indices of a greedy k-center (farthest point) coreset of ``features``.
 
-    DESIGN.md (Inference and scoring): the coreset option for large banks. Starting from one
+    docs/method.md#memory-bank: the coreset option for large banks. Starting from one
     seeded random row, each step adds the row farthest from everything selected so far, which
     gives a covering radius at most twice the optimal one for that many centres (Gonzalez).
 

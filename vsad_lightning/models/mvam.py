@@ -1,4 +1,4 @@
-"""MVAM, the Multi-View Alignment Module (DESIGN.md, "MVAM: Multi-View Alignment Module").
+"""MVAM, the Multi-View Alignment Module (docs/method.md#mvam).
 
 For view ``v`` of a feature map ``x`` at one decoder level and every position ``p``, MVAM
 attends over a small set of *candidates*: the self position (``u = v``, ``q = p``) plus, for
@@ -6,7 +6,7 @@ every other view ``u``, the ``R x R`` integer grid of positions around ``p̂_u =
 Each candidate carries the sub-pixel displacement ``Δp`` between its pixel centre and
 ``p̂_u``, encoded by a frequency embedding ``γ(Δp)`` that enters the keys and values.
 
-Conventions (DESIGN.md, Notation): feature pixel ``(i, j)`` (column, row) has centre
+Conventions (docs/conventions.md): feature pixel ``(i, j)`` (column, row) has centre
 ``(i + 0.5, j + 0.5)``; ``homographies[b, v, u]`` maps pixel-centre coordinates of view ``v``
 to view ``u`` *at this map's resolution* (``scale_homography`` to ``(w, h)``).
 
@@ -67,7 +67,7 @@ def other_views(num_views: int, *, device=None) -> Tensor:
 
 
 def frequency_embedding(offsets: Tensor, window: int, num_frequencies: int) -> Tensor:
-    """``γ(Δp)`` of DESIGN.md, MVAM step 3, for offsets ``(..., 2)`` (``Δx, Δy``).
+    """``γ(Δp)`` of docs/method.md#mvam, step 3, for offsets ``(..., 2)`` (``Δx, Δy``).
 
     Returns ``(..., 4L)`` ordered ``[sin(f_k Δx), cos(f_k Δx), sin(f_k Δy), cos(f_k Δy)]`` for
     ``k = 0..L-1`` with ``f_k = 2^k π / R``.
@@ -155,7 +155,7 @@ def _check_neighbour_mask(mask: Tensor, views: int) -> None:
 def candidate_geometry(
     homographies: Tensor, neighbour_mask: Tensor, window: int, height: int, width: int
 ) -> CandidateGeometry:
-    """Candidate positions, validity and offsets (DESIGN.md, MVAM steps 1-3), vectorised.
+    """Candidate positions, validity and offsets (docs/method.md#mvam, steps 1-3), vectorised.
 
     Args:
         homographies: ``(B, V, V, 3, 3)`` scaled to ``(width, height)``, pixel centres,
@@ -295,8 +295,8 @@ class MVAM(nn.Module):
         channels: ``C`` of the feature map.
         attention_dim: ``D``, the width of queries, keys and values (split over heads).
         num_heads: attention heads; ``D`` must be divisible by it.
-        window: ``R``, the candidate grid side (odd; DESIGN.md default 3).
-        num_frequencies: ``L`` of ``γ`` (DESIGN.md default 4).
+        window: ``R``, the candidate grid side (odd; default 3).
+        num_frequencies: ``L`` of ``γ`` (default 4).
         neighbour_mask: default ``(V, V)`` bool neighbour mask (``None``: every other view).
     """
 

@@ -1,4 +1,4 @@
-"""The training objective ``L = L_d + λ_r L_r`` (DESIGN.md, Training and FRM).
+"""The training objective ``L = L_d + λ_r L_r`` (docs/method.md#training).
 
 - One timestep ``t`` per sample, shared by its ``V`` views (the views of one object are
   denoised at the same noise level, so MVAM aligns features of equal noise).
@@ -6,8 +6,8 @@
 - ``L_d = MSE(ε̂, ε)``. A scheduler with ``prediction_type="v_prediction"`` trains the U-Net on
   its own target ``v`` (``scheduler.get_velocity``) instead; SD2 base and the tiny backbone
   predict ``ε``.
-- ``L_r``: the mean over feature levels of ``consistency_loss`` (DESIGN.md, FRM) on the
-  features captured after FRM in the same forward pass.
+- ``L_r``: the mean over feature levels of ``consistency_loss`` on the features captured after
+  FRM in the same forward pass (docs/method.md#consistency-loss).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def diffusion_objective(
         encoder_hidden_states: ``(1 or B, L, D)`` prompt embedding.
         homographies: ``(B, V, V, 3, 3)`` at image resolution ``image_size = (W, H)``.
         neighbour_mask: ``(V, V)`` bool.
-        lambda_r: ``λ_r`` (DESIGN.md default 0.1).
+        lambda_r: ``λ_r`` (default 0.1).
         generator: draws ``t`` and ``ε`` (on the generator's device, then moved); ``None``
             uses the global RNG of ``latents``' device.
         max_timestep: draw ``t`` uniformly from ``[0, max_timestep)`` instead of the whole

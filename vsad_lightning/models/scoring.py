@@ -1,9 +1,9 @@
 """Anomaly maps, view scores and sample scores from memory-bank distances.
 
-DESIGN.md (Inference and scoring):
+docs/method.md#scoring:
 ``s_v(p) = sum_l w_l * Up( min_{m in M^(l)} || F^(l)_v(p) - m ||_2 )``, bilinear upsampling to
 image size, then Gaussian smoothing (sigma = 4). View score = max over pixels; sample score =
-max over its views. The values are raw distances, not probabilities (DESIGN.md, Evaluation).
+max over its views. The values are raw distances, not probabilities (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def anomaly_maps(
         distances = level_distances[level].float()
         h, w = distances.shape[-2:]
         # Bilinear, align_corners=False: pixel centres map to pixel centres, the convention of
-        # the whole suite (DESIGN.md, Notation: pixel x covers [x, x+1)).
+        # the whole suite (docs/conventions.md#coordinates: pixel x covers [x, x+1)).
         upsampled = F.interpolate(
             distances.reshape(batch * views, 1, h, w),
             size=(height, width),

@@ -1,6 +1,6 @@
 """``ViewAlignedUNet``: a diffusers U-Net with MVAM and FRM installed by forward hooks.
 
-DESIGN.md, MVAM and FRM. The wrapper runs the U-Net on all views of all samples at once,
+docs/method.md#view-aligned-u-net. The wrapper runs the U-Net on all views of all samples at once,
 ``(B·V, c, h, w)``, and hooks the decoder:
 
 - **MVAM after every decoder ResBlock.** A forward hook on ``unet.up_blocks[i].resnets[j]``
@@ -135,12 +135,12 @@ class ViewAlignedUNet(nn.Module):
             negative indices count from the last block. Default: the last two blocks (the
             paper's levels 3 and 4; ``(2, 3)`` for SD2). Stored non-negative and sorted.
         attention_dim, num_heads, window, num_frequencies: MVAM's ``D``, heads, ``R`` and
-            ``L`` (DESIGN.md, MVAM).
+            ``L`` (docs/method.md#mvam).
         use_mvam: install an MVAM after every decoder ResBlock (ablation switch).
         use_frm: apply FRM to every feature level (ablation switch); features are captured at
             the same place either way.
         train_unet: ``none`` (U-Net frozen), ``decoder`` (up blocks, ``conv_norm_out`` and
-            ``conv_out`` trainable) or ``all`` (DESIGN.md, Training). MVAM and FRM always train.
+            ``conv_out`` trainable) or ``all`` (docs/method.md#training). MVAM and FRM always train.
         gradient_checkpointing: ``unet.enable_gradient_checkpointing()`` (non-reentrant, so the
             aligners of a frozen U-Net still receive gradients).
     """

@@ -110,9 +110,9 @@ class VSADModule(L.LightningModule):
             negative indices count from the last block (default: the last two, the paper's
             levels 3 and 4).
         attention_dim, num_heads, window, num_frequencies: MVAM's attention width, heads,
-            candidate window R and frequency count L (DESIGN.md, MVAM).
+            candidate window R and frequency count L (docs/method.md#mvam).
         use_mvam, use_frm: ablation switches; off means the module is not installed.
-        train_unet: ``none | decoder | all`` (DESIGN.md, Training). A ``tiny`` backbone has
+        train_unet: ``none | decoder | all`` (docs/method.md#training). A ``tiny`` backbone has
             random weights, so it needs ``all``.
         gradient_checkpointing: recompute U-Net activations in backward to save memory.
         lambda_r: weight of the consistency loss L_r in ``L = L_d + lambda_r * L_r``.
@@ -232,7 +232,7 @@ class VSADModule(L.LightningModule):
         parts = build_backbone(
             backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
         )
-        # The encoder is never trained (DESIGN.md, Training: the frozen VAE).
+        # The encoder is never trained (docs/method.md#encoder: the frozen VAE).
         self.encoder = parts.encoder.requires_grad_(False).eval()
         self.noise_scheduler = parts.scheduler
         self.register_buffer("prompt_embedding", parts.prompt_embedding, persistent=False)
@@ -426,8 +426,8 @@ class VSADModule(L.LightningModule):
     # ----------------------------------------------------------------------------- features
     @torch.no_grad()
     def extract_features(self, batch: MultiViewBatch) -> dict[int, Tensor]:
-        """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (DESIGN.md, Inference), plus the
-        latent itself under ``LATENT_LEVEL`` when ``latent_weight > 0``."""
+        """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (docs/method.md#inversion),
+        plus the latent itself under ``LATENT_LEVEL`` when ``latent_weight > 0``."""
         latents = self.encode(batch.images)
         features = self.feature_extractor(
             self.unet,
