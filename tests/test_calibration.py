@@ -410,3 +410,75 @@ def test_fit_then_test_in_every_mode_from_one_checkpoint(
     # The same scores under another rule: threshold-free metrics unchanged, decisions not.
     assert metrics["sigma"]["view_auroc"] == metrics["view"]["view_auroc"]
     assert metrics["sigma"]["pixel_auroc"] == metrics["view"]["pixel_auroc"]
+
+
+# ------------------------------------------------------------------ cross-view fusion
+
+
+def _highlight_normals(n: int = 12, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` normals of 2 views that see the same plane (identity homographies); view 0 has a
+    highlight at a random place per sample that view 1 does not show."""
+    gen = torch.Generator().manual_seed(0)
+    maps = 0.2 * torch.rand(n, 2, size, size, generator=gen)
+    for i in range(n):
+        y, x = torch.randint(2, size - 2, (2,), generator=gen).tolist()
+        maps[i, 0, y - 1 : y + 2, x - 1 : x + 2] = 3.0
+    return maps, torch.eye(3).repeat(n, 2, 2, 1, 1)
+
+
+def test_fused_calibration_discounts_a_highlight_and_keeps_a_defect_both_views_see():
+    maps, homographies = _highlight_normals()
+    mask = ~torch.eye(2, dtype=torch.bool)
+    calibration = Calibration()
+    calibration.fit(maps, homographies=homographies, neighbour_mask=mask, fusion_strength=1.0)
+    assert calibration.fusion_matches(1.0) and not calibration.fusion_matches(0.0)
+    fused_normals = calibration.normal_view_scores.clone()
+    calibration.set_view_statistics(0.0)
+    # Unfused, the highlights set view 0's raw normal scores; fused, they are gone.
+    raw = CALIBRATION_MODES.index("none")
+    assert float(calibration.normal_view_scores[raw, :, 0].min()) > 2.5
+    assert float(fused_normals[raw, :, 0].max()) < 0.5
+    with pytest.raises(RuntimeError, match="set_view_statistics"):
+        calibration.apply(maps[:1, :, None], "none", fusion_strength=1.0)
+
+    calibration.set_view_statistics(1.0)
+    calibration.set_thresholds("quantile", 0.95)
+    test = 0.1 * torch.ones(2, 2, 1, 16, 16)
+    test[0, :, :, 7:10, 7:10] = 3.0  # a defect both views see
+    test[1, 0, :, 7:10, 7:10] = 3.0  # a highlight in view 0 only
+    out = calibration.apply(
+        test, "none", homographies=homographies[:2], neighbour_mask=mask, fusion_strength=1.0
+    )
+    assert out.sample_labels.tolist() == [1, 0]
+    assert float(out.view_scores[0, 0]) == pytest.approx(3.0)
+    assert float(out.view_scores[1, 0]) == pytest.approx(0.1)
+
+
+def test_fusion_needs_the_normals_homographies():
+    maps, _ = _highlight_normals(4)
+    calibration = Calibration()
+    calibration.fit(maps)
+    with pytest.raises(ValueError, match="homographies"):
+        calibration.set_view_statistics(0.5)
+
+
+def test_a_fit_stores_the_normals_geometry_and_fusion_can_be_switched_at_test_time(fitted):
+    module, data = fitted
+    calibration = module.calibration
+    n, V = calibration.num_normals, len(data.view_names)
+    assert calibration.normal_homographies.shape == (n, V, V, 3, 3)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    assert torch.equal(calibration.neighbour_mask.bool(), batch.neighbour_mask)
+    module.hparams.calibration = "position"
+    plain = module.score(batch)
+    module.hparams.fusion_strength = 1.0
+    try:
+        fused = module.score(batch)  # the normals' statistics are re-derived for 1.0
+        assert calibration.fusion_matches(1.0)
+        assert torch.equal(fused.anomaly_maps, plain.anomaly_maps)
+        assert not torch.equal(fused.view_scores, plain.view_scores)
+    finally:
+        module.hparams.fusion_strength = 0.0
+        module.score(batch)
+    assert calibration.fusion_matches(0.0)

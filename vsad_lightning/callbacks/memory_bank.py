@@ -84,6 +84,8 @@ class MemoryBankCallback(L.Callback):
         self.build_info: dict = {}
         self.grids: dict[int, tuple[int, int, int]] = {}
         self.image_size: tuple[int, int] | None = None
+        self._homographies: list[Tensor] = []
+        self._neighbour_mask: Tensor | None = None
         self._kept: dict[int, Tensor] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -111,7 +113,7 @@ class MemoryBankCallback(L.Callback):
         chunks: dict[int, list[Tensor]] = {}
         for batch in loader:
             batch = batch.to(pl_module.device)
-            self.image_size = batch.image_size
+            self._record_geometry(batch)
             for level, feats in pl_module.extract_features(batch).items():
                 self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                 chunks.setdefault(level, []).append(flatten_features(feats.float()))
@@ -140,7 +142,7 @@ class MemoryBankCallback(L.Callback):
         try:
             for batch in loader:
                 batch = batch.to(pl_module.device)
-                self.image_size = batch.image_size
+                self._record_geometry(batch)
                 for level, feats in pl_module.extract_features(batch).items():
                     self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                     builder.add(level, flatten_features(feats.float()), feats.shape[0])
@@ -153,6 +155,30 @@ class MemoryBankCallback(L.Callback):
             raise RuntimeError("the training feature loader yielded no samples on this rank")
         return builder
 
+    def _record_geometry(self, batch) -> None:
+        """Keep what calibration needs of each training batch besides its features: the image
+        size, and the homographies and neighbour mask that cross-view fusion of the normals'
+        maps uses (``model.fusion_strength``)."""
+        self.image_size = batch.image_size
+        self._homographies.append(batch.homographies.float().cpu())
+        self._neighbour_mask = batch.neighbour_mask.cpu()
+
+    def _normal_homographies(self, trainer: L.Trainer, pl_module, streaming: bool) -> Tensor:
+        """``(N, V, V, 3, 3)`` homographies of every training normal, in the bank's sample
+        order: rank order of the strided shards for the in-memory build (its rows are
+        gathered that way), the unsharded loader's order for the streaming build."""
+        local = torch.cat(self._homographies)
+        if trainer.world_size == 1:
+            return local
+        shape = local.shape[1:]
+        gathered = _gather_rows(pl_module, local.flatten(1).to(pl_module.device)).cpu()
+        gathered = gathered.view(-1, *shape)
+        if not streaming:
+            return gathered
+        total, world = gathered.shape[0], trainer.world_size
+        order = torch.cat([torch.arange(r, total, world) for r in range(world)])
+        return gathered[torch.argsort(order)]
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.build_info = {
             "world_size": trainer.world_size,
@@ -160,6 +186,8 @@ class MemoryBankCallback(L.Callback):
             "streaming": self.streaming,
         }
         self._kept = {}
+        self._homographies: list[Tensor] = []
+        self._neighbour_mask: Tensor | None = None
         features: dict[int, Tensor] | None = None
         builder: StreamingBankBuilder | None = None
         if self.streaming:
@@ -187,7 +215,8 @@ class MemoryBankCallback(L.Callback):
                     str(level): rows for level, rows in builder.total_rows.items()
                 }
                 self._kept = dict(builder.kept)
-            self.calibrate(trainer, pl_module, features, builder)
+            homographies = self._normal_homographies(trainer, pl_module, self.streaming)
+            self.calibrate(trainer, pl_module, features, builder, homographies)
         finally:
             if builder is not None:
                 builder.close()
@@ -212,6 +241,7 @@ class MemoryBankCallback(L.Callback):
         pl_module,
         features: dict[int, Tensor] | None,
         builder: StreamingBankBuilder | None,
+        homographies: Tensor | None = None,
     ) -> None:
         """Fit ``pl_module.calibration`` from LOO maps of every training normal (collective).
 
@@ -276,7 +306,11 @@ class MemoryBankCallback(L.Callback):
             # Rank r scored samples r, r + world, ...: back to sample order on every rank.
             order = torch.cat([torch.arange(r, total, world) for r in range(world)])
             maps = gathered[torch.argsort(order).to(gathered.device)].view(-1, *shape)
-        pl_module.fit_calibration(maps)
+        if homographies is not None and homographies.shape[0] != total:
+            raise RuntimeError(
+                f"calibration: {homographies.shape[0]} homographies for {total} training normals"
+            )
+        pl_module.fit_calibration(maps, homographies, self._neighbour_mask)
         if world > 1:
             # The maps are the same on every rank, and so is the fit; rank 0's buffers are sent
             # to every rank anyway, so no rank can be left with other thresholds.

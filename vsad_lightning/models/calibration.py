@@ -45,9 +45,17 @@ sample when its score exceeds the sample threshold (the max of V normal view sco
 than one view's, so it has its own threshold), and the binary mask of a view is
 ``n_v(p) > view threshold``: exactly the pixels that make the view NG.
 
-Every statistic of every mode is stored, so the mode (and the threshold rule, re-derived from
-the stored normal scores) can be switched at test time without refitting. Nothing here ever
-sees a test label.
+**Cross-view fusion** (``model.fusion_strength``, ``vsad_lightning.models.fusion``) acts on the
+mode's maps before the per-view standardisation (the position-normalised ``z_v`` in mode
+``position``): neighbouring views, carried through the sample's homographies, confirm or
+discount each other. The view statistics and thresholds are then those of the normals' FUSED
+maps, so the training normals' homographies and the neighbour mask are stored with their LOO
+maps.
+
+Every statistic of every mode is stored, and so are the normals' LOO maps, so the mode, the
+threshold rule and the fusion strength can be switched at test time without refitting (the
+view statistics and thresholds are re-derived from the stored normals). Nothing here ever sees
+a test label.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vsad_lightning.models.fusion import fuse_maps
 from vsad_lightning.models.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend
 from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.scoring import (
@@ -88,7 +97,14 @@ _BUFFERS = (
     "view_threshold",
     "sample_threshold",
     "threshold_setting",
+    "normal_maps",
+    "fusion_setting",
 )
+_GEOMETRY_BUFFERS = ("normal_homographies", "neighbour_mask")
+"""Stored when ``fit`` gets the normals' homographies: what fusing their maps needs."""
+
+_FUSION_CHUNK = 8
+"""Normals fused at once when the view statistics are derived (bounds the warp's memory)."""
 
 
 def median(values: Tensor, dim: int = 0) -> Tensor:
@@ -280,17 +296,24 @@ class Calibration(nn.Module):
         self,
         maps: Tensor,
         *,
+        homographies: Tensor | None = None,
+        neighbour_mask: Tensor | None = None,
         floor: float = 1.0,
         rule: ThresholdRule = "quantile",
         value: float = 0.95,
+        fusion_strength: float = 0.0,
     ) -> None:
         """Fill every buffer from ``(n, V, H, W)`` LOO maps of ``n >= 2`` training normals.
 
         Args:
             maps: the normals' LOO maps (``leave_one_out_maps``), raw distances.
+            homographies: ``(n, V, V, 3, 3)`` the normals' homographies at the maps' size
+                (``MultiViewBatch.homographies``); needed for ``fusion_strength > 0``.
+            neighbour_mask: ``(V, V)`` bool, the pairs fusion looks across.
             floor: the per-pixel spread is at least ``floor`` times the mean spread of its
                 view (see the module docstring); 0 keeps only a tiny absolute floor.
             rule, value: the threshold rule (``set_thresholds``).
+            fusion_strength: the view statistics are those of maps fused at this strength.
         """
         if maps.dim() != 4 or maps.shape[0] < 2:
             raise ValueError(
@@ -301,31 +324,86 @@ class Calibration(nn.Module):
             raise ValueError(f"the calibration floor must be >= 0, got {floor}")
         if not bool(torch.isfinite(maps).all()):
             raise ValueError("the LOO maps of the training normals hold NaN or inf")
+        n, V = maps.shape[:2]
+        if (homographies is None) != (neighbour_mask is None):
+            raise ValueError("give the normals' homographies and the neighbour mask together")
+        if homographies is not None:
+            if tuple(homographies.shape) != (n, V, V, 3, 3):
+                raise ValueError(
+                    f"expected the normals' homographies (n, V, V, 3, 3) = {(n, V, V, 3, 3)}, "
+                    f"got {tuple(homographies.shape)}"
+                )
+            if tuple(neighbour_mask.shape) != (V, V):
+                raise ValueError(f"expected a ({V}, {V}) neighbour mask, got {neighbour_mask}")
+            self._set("normal_homographies", homographies)
+            self._set("neighbour_mask", neighbour_mask)
+        else:
+            for name in _GEOMETRY_BUFFERS:
+                self._buffers.pop(name, None)
         maps = maps.float()
         center, spread = robust_center_scale(maps, 0)  # (V, H, W)
         view_floor = floor * spread.flatten(1).mean(1)  # (V,)
         spread = torch.maximum(spread, view_floor[:, None, None]).clamp_min(_tiny(center))
+        self._set("position_center", center)
+        self._set("position_scale", spread)
+        self._set("normal_maps", maps)
+        self.set_view_statistics(fusion_strength)
+        self.set_thresholds(rule, value)
 
-        raw = maps.amax(dim=(-2, -1))  # (n, V)
-        positional = ((maps - center) / spread).amax(dim=(-2, -1))
-        centers, scales, normal = [], [], []
+    def _mode_maps(self, maps: Tensor, mode: CalibrationMode) -> Tensor:
+        """``(B, V, 1, H, W)`` raw maps -> the mode's maps before the per-view standardisation
+        (position-normalised in mode ``position``, raw otherwise)."""
+        if mode == "position":
+            center, scale = self._buffers["position_center"], self._buffers["position_scale"]
+            return (maps.float() - center[:, None]) / scale[:, None]
+        return maps.float()
+
+    @torch.no_grad()
+    def set_view_statistics(self, fusion_strength: float) -> None:
+        """Derive every mode's view centre, spread and normal view scores from the stored LOO
+        maps, fused at ``fusion_strength`` (0: no fusion). Thresholds follow with
+        ``set_thresholds``."""
+        if "normal_maps" not in self._buffers:
+            raise RuntimeError("the calibration is not fitted")
+        if fusion_strength > 0 and not all(n in self._buffers for n in _GEOMETRY_BUFFERS):
+            raise ValueError(
+                f"model.fusion_strength {fusion_strength} needs the training normals' "
+                "homographies, which this calibration was fitted without: refit, or use 0"
+            )
+        normal = self._buffers["normal_maps"][:, :, None]  # (n, V, 1, H, W)
+        centers, scales, scores_all = [], [], []
         for mode in CALIBRATION_MODES:
+            parts = []
+            for start in range(0, normal.shape[0], _FUSION_CHUNK):
+                chunk = self._mode_maps(normal[start : start + _FUSION_CHUNK], mode)
+                if fusion_strength > 0:
+                    chunk = fuse_maps(
+                        chunk,
+                        self._buffers["normal_homographies"][start : start + _FUSION_CHUNK],
+                        self._buffers["neighbour_mask"].bool(),
+                        fusion_strength,
+                    )
+                parts.append(view_scores(chunk))
+            scores = torch.cat(parts)  # (n, V)
             if mode == "none":
-                c, s = torch.zeros_like(raw[0]), torch.ones_like(raw[0])
-                scores = raw
+                c, s = torch.zeros_like(scores[0]), torch.ones_like(scores[0])
             else:
-                scores = raw if mode == "view" else positional
                 c, s = robust_center_scale(scores, 0)
                 s = s.clamp_min(_tiny(c))
             centers.append(c)
             scales.append(s)
-            normal.append((scores - c) / s)
-        self._set("position_center", center)
-        self._set("position_scale", spread)
+            scores_all.append((scores - c) / s)
         self._set("view_center", torch.stack(centers))
         self._set("view_scale", torch.stack(scales))
-        self._set("normal_view_scores", torch.stack(normal))
-        self.set_thresholds(rule, value)
+        self._set("normal_view_scores", torch.stack(scores_all))
+        self._set("fusion_setting", torch.tensor([float(fusion_strength)]))
+
+    def fusion_matches(self, fusion_strength: float) -> bool:
+        """True when the view statistics were derived at ``fusion_strength``."""
+        setting = self._buffers.get("fusion_setting")
+        return setting is not None and math.isclose(
+            float(setting[0]), float(fusion_strength), abs_tol=1e-9
+        )
 
     @torch.no_grad()
     def set_thresholds(self, rule: ThresholdRule, value: float) -> None:
@@ -373,12 +451,31 @@ class Calibration(nn.Module):
         )
 
     @torch.no_grad()
-    def apply(self, raw_maps: Tensor, mode: CalibrationMode) -> CalibratedScores:
-        """Normalised maps, scores, OK/NG labels and masks of ``(B, V, 1, H, W)`` raw maps."""
+    def apply(
+        self,
+        raw_maps: Tensor,
+        mode: CalibrationMode,
+        *,
+        homographies: Tensor | None = None,
+        neighbour_mask: Tensor | None = None,
+        fusion_strength: float = 0.0,
+    ) -> CalibratedScores:
+        """Normalised maps, scores, OK/NG labels and masks of ``(B, V, 1, H, W)`` raw maps.
+
+        ``fusion_strength > 0`` fuses the mode's maps across the views (module docstring) with
+        the batch's ``homographies`` ``(B, V, V, 3, 3)`` and ``neighbour_mask``; the view
+        statistics must have been derived at the same strength (``set_view_statistics``).
+        """
         if mode not in CALIBRATION_MODES:
             raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {mode!r}")
         if not self.is_fitted():
             raise RuntimeError("the calibration is not fitted")
+        if not self.fusion_matches(fusion_strength):
+            raise RuntimeError(
+                f"the view statistics were derived at fusion strength "
+                f"{float(self._buffers['fusion_setting'][0])}, not {fusion_strength}: call "
+                "set_view_statistics first"
+            )
         center = self._buffers["position_center"]
         if raw_maps.dim() != 5 or tuple(raw_maps.shape[1:]) != (
             center.shape[0],
@@ -390,9 +487,11 @@ class Calibration(nn.Module):
                 f"{(center.shape[0], 1, *center.shape[1:])}; got maps {tuple(raw_maps.shape)}"
             )
         m = CALIBRATION_MODES.index(mode)
-        maps = raw_maps.float()
-        if mode == "position":
-            maps = (maps - center[:, None]) / self._buffers["position_scale"][:, None]
+        maps = self._mode_maps(raw_maps, mode)
+        if fusion_strength > 0:
+            if homographies is None or neighbour_mask is None:
+                raise ValueError("fusion needs the batch's homographies and neighbour mask")
+            maps = fuse_maps(maps, homographies, neighbour_mask, fusion_strength)
         if mode != "none":
             shape = (1, -1, 1, 1, 1)
             maps = (maps - self._buffers["view_center"][m].view(shape)) / self._buffers[
@@ -415,7 +514,7 @@ class Calibration(nn.Module):
     ) -> None:
         # Shapes depend on the data (views, map size, number of normals), and a fresh module
         # has no buffers: create them at the incoming shapes before the standard copy.
-        for name in _BUFFERS:
+        for name in (*_BUFFERS, *_GEOMETRY_BUFFERS):
             value = state_dict.get(prefix + name)
             if isinstance(value, Tensor):
                 self.register_buffer(

@@ -168,6 +168,13 @@ class VSADModule(L.LightningModule):
             noisier than the view's average are damped and none is amplified.
         calibration_folds: the global bank's leave-one-out uses this many folds (sub-banks
             without one fold's samples); the positional bank leaves out exactly the sample.
+        fusion_strength: cross-view fusion of the calibrated maps before the view score
+            (``vsad_lightning.models.fusion``, docs/method.md#fusion): a place that the
+            neighbouring views see, carried through the sample's homographies, keeps only the
+            part of its score that a neighbour confirms, in proportion ``fusion_strength``
+            (0: off, the paper's scoring; 1: fully). Places no neighbour sees keep their score,
+            so defects that one view alone sees are never discounted. Needs a calibrated
+            model; the normals' statistics are re-derived when it changes at test time.
     """
 
     def __init__(
@@ -210,6 +217,7 @@ class VSADModule(L.LightningModule):
         threshold_sigma: float = 3.0,
         calibration_floor: float = 1.0,
         calibration_folds: int = 5,
+        fusion_strength: float = 0.0,
     ) -> None:
         super().__init__()
         if max_bad_steps < 1:
@@ -228,6 +236,8 @@ class VSADModule(L.LightningModule):
             raise ValueError(f"calibration_floor must be >= 0, got {calibration_floor}")
         if calibration_folds < 2:
             raise ValueError(f"calibration_folds must be >= 2, got {calibration_folds}")
+        if not 0.0 <= fusion_strength <= 1.0:
+            raise ValueError(f"fusion_strength must be in [0, 1], got {fusion_strength}")
         self.save_hyperparameters()
         parts = build_backbone(
             backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
@@ -463,6 +473,12 @@ class VSADModule(L.LightningModule):
                 f"levels {sorted(self.level_weights)}: missing {missing}{hint}"
             )
         mode = self.hparams.calibration
+        fusion = float(self.hparams.fusion_strength)
+        if fusion > 0 and not self.calibration.is_fitted():
+            raise ValueError(
+                f"model.fusion_strength is {fusion} but this model holds no calibration: refit, "
+                "or test with model.fusion_strength 0"
+            )
         if mode != "none" and not self.calibration.is_fitted():
             raise ValueError(
                 f"model.calibration is {mode!r} but this model holds no calibration (a "
@@ -482,10 +498,20 @@ class VSADModule(L.LightningModule):
         if not self.calibration.is_fitted():
             return AnomalyPrediction(out.anomaly_maps, out.view_scores, out.sample_scores)
         rule, value = self._threshold_setting
+        if not self.calibration.fusion_matches(fusion):
+            # The fusion strength was changed at test time: re-derive from the stored normals.
+            self.calibration.set_view_statistics(fusion)
+            self.calibration.set_thresholds(rule, value)
         if not self.calibration.thresholds_match(rule, value):
             # The rule was changed at test time: re-derive from the stored normal scores.
             self.calibration.set_thresholds(rule, value)
-        calibrated = self.calibration.apply(out.anomaly_maps, mode)
+        calibrated = self.calibration.apply(
+            out.anomaly_maps,
+            mode,
+            homographies=batch.homographies,
+            neighbour_mask=batch.neighbour_mask,
+            fusion_strength=fusion,
+        )
         return AnomalyPrediction(
             anomaly_maps=out.anomaly_maps,
             view_scores=calibrated.view_scores,
@@ -539,10 +565,24 @@ class VSADModule(L.LightningModule):
         )
 
     @torch.no_grad()
-    def fit_calibration(self, loo_maps: Tensor) -> None:
-        """Fill ``self.calibration`` from the LOO maps of every training normal."""
+    def fit_calibration(
+        self,
+        loo_maps: Tensor,
+        homographies: Tensor | None = None,
+        neighbour_mask: Tensor | None = None,
+    ) -> None:
+        """Fill ``self.calibration`` from the LOO maps of every training normal, with their
+        homographies ``(n, V, V, 3, 3)`` and the neighbour mask where fusion may use them."""
         rule, value = self._threshold_setting
-        self.calibration.fit(loo_maps, floor=self.hparams.calibration_floor, rule=rule, value=value)
+        self.calibration.fit(
+            loo_maps,
+            homographies=homographies,
+            neighbour_mask=neighbour_mask,
+            floor=self.hparams.calibration_floor,
+            rule=rule,
+            value=value,
+            fusion_strength=float(self.hparams.fusion_strength),
+        )
 
     # ----------------------------------------------------------------------------- evaluation
     def on_test_epoch_start(self) -> None:
