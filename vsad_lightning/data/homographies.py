@@ -27,6 +27,7 @@ from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.estimation import estimate_homographies
 from vsad_lightning.geometry.per_sample import (
     SampleHomographyFile,
+    bridge_view,
     estimate_sample_homographies,
     prior_pairs,
 )
@@ -208,14 +209,16 @@ def graph_pairs(
     prior: HomographyCache, views: Sequence[str], graph: str = "top_and_ring"
 ) -> list[tuple[str, str]]:
     """Ordered neighbour pairs of ``graph`` over ``views`` (in this order; ``top_and_ring``
-    takes the first view as the top camera) that are reliable in ``prior``."""
+    takes the first view as the top camera) that the per-sample estimator can serve: reliable
+    in ``prior``, or bridged through a view both ends match reliably (``bridge_view``)."""
     mask = neighbour_mask(graph, len(views))
     reliable = set(prior_pairs(prior, views))
     return [
         (src, dst)
         for i, src in enumerate(views)
         for j, dst in enumerate(views)
-        if bool(mask[i, j]) and (src, dst) in reliable
+        if bool(mask[i, j])
+        and ((src, dst) in reliable or bridge_view(prior, src, dst, views) is not None)
     ]
 
 

@@ -57,9 +57,11 @@ from vsad_lightning.geometry.estimation import (
 from vsad_lightning.geometry.projection import scale_homography
 from vsad_lightning.utils.io import atomic_write_json
 
-SAMPLE_STATUSES = ("refined", "matched", "prior")
+SAMPLE_STATUSES = ("refined", "matched", "prior", "composed", "unreliable")
 """``refined``: photometric refinement converged; ``matched``: the sample's own feature
-matches; ``prior``: the category's homography (rescaled) was kept."""
+matches; ``prior``: the category's homography (rescaled) was kept; ``composed``: a pair the
+category marks unreliable, composed from the sample's estimates through a bridge view (the
+refinement did not confirm it); ``unreliable``: no reliable path, identity (as in the cache)."""
 
 REFERENCE_SIZE = 256
 """Pixel thresholds below are stated at this image size and scale with ``max(W, H)``."""
@@ -108,7 +110,11 @@ _MIN_REFINE_PIXELS = 400
 
 _CONVERGED_PX = 0.01
 """A Gauss-Newton step that moves no corner of the overlap more than this (level px) ends
-the level."""
+the octave."""
+
+_ACCEPT_STEP_PX = 0.05
+"""The refinement counts as converged when its last step at the finest octave moved no
+corner of the overlap more than this (px)."""
 
 _HUBER_K = 1.345
 """Huber constant in units of the robust residual scale (95 % efficiency on Gaussian noise)."""
@@ -213,12 +219,12 @@ def _prepare_view(
 ) -> tuple[_View, float, float]:
     """SIFT features and the per-octave structure images; returns the two stages' ms."""
     gray = to_gray(image, name=name)
-    start = time.perf_counter()
+    start = time.process_time()
     feats = (
         detect_features(gray, max_keypoints=DEFAULT_MAX_KEYPOINTS, name=name) if features else None
     )
-    t_features = time.perf_counter() - start
-    start = time.perf_counter()
+    t_features = time.process_time() - start
+    start = time.process_time()
     normalised, contrast = [], []
     if dense:
         level_image = gray.astype(np.float32)
@@ -232,11 +238,30 @@ def _prepare_view(
             n, c = structure_image(level_image, sigma)
             normalised.append(n)
             contrast.append(c)
-    t_dense = time.perf_counter() - start
+    t_dense = time.process_time() - start
     return _View(feats, normalised, contrast), 1000 * t_features, 1000 * t_dense
 
 
 # ---------------------------------------------------------------------------- matching
+
+
+def _pairs_within(
+    points: np.ndarray, targets: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(i, j)`` with ``|points[i] - targets[j]| <= radius``, without the full distance
+    matrix (4000 x 4000 keypoints would need 256 MB): targets sorted by ``x``, each point's
+    candidates are the ``x`` strip of width ``2 radius`` around it, then filtered."""
+    order = np.argsort(targets[:, 0], kind="stable")
+    xs = targets[order, 0]
+    lo = np.searchsorted(xs, points[:, 0] - radius, side="left")
+    hi = np.searchsorted(xs, points[:, 0] + radius, side="right")
+    counts = hi - lo
+    rows = np.repeat(np.arange(len(points)), counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = order[np.repeat(lo, counts) + offsets]
+    diff = points[rows] - targets[cols]
+    near = np.einsum("ij,ij->i", diff, diff) <= radius * radius
+    return rows[near], cols[near]
 
 
 def guided_matches(
@@ -253,15 +278,16 @@ def guided_matches(
     image under ``H_prior_cv``; it is matched to the nearest descriptor among them when that is
     closer than ``ratio`` times the second nearest (or is the only candidate). Only gated
     descriptor distances are computed, a few per keypoint instead of all of them.
+
+    The points are in OpenCV's convention (``ImageFeatures.points``), as is ``H_prior_cv``.
     """
     empty = np.zeros((0, 2), dtype=np.float32)
     if len(src) == 0 or len(dst) == 0:
         return empty, empty.copy()
     predicted, w = _apply(H_prior_cv, src.points)
-    diff = predicted[:, None, :] - dst.points[None, :, :].astype(np.float64)
-    near = (diff * diff).sum(axis=2) <= gate_px * gate_px
-    near &= (w > 0)[:, None]
-    rows, cols = np.nonzero(near)
+    rows, cols = _pairs_within(predicted, dst.points.astype(np.float64), gate_px)
+    keep = w[rows] > 0
+    rows, cols = rows[keep], cols[keep]
     if rows.size == 0:
         return empty, empty.copy()
     delta = src.descriptors[rows] - dst.descriptors[cols]
@@ -414,7 +440,7 @@ def refine_homography(
     if len(iterations) != levels:
         raise ValueError(f"expected {levels} iteration counts (one per octave), got {iterations}")
     H = _normalise(np.asarray(H_init, dtype=np.float64))
-    converged = True
+    last_step = math.inf
     for level, budget in zip(reversed(range(levels)), iterations, strict=True):
         xs, ys = pixels[level]
         if xs.size < _MIN_REFINE_PIXELS * 0.25**level:
@@ -429,8 +455,9 @@ def refine_homography(
         N_inv = np.linalg.inv(N)
         gy, gx = np.gradient(template)
         jx, jy = _homography_jacobian((xs - cx) / s, (ys - cy) / s)
-        sd = ((gx[ys, xs, None] * s) * jx + (gy[ys, xs, None] * s) * jy).astype(np.float32)
+        jx, jy = (jx * s).astype(np.float32), (jy * s).astype(np.float32)
         t_values = template[ys, xs]
+        t_gx, t_gy = gx[ys, xs], gy[ys, xs]
         corners = np.array(
             [
                 [xs.min(), ys.min()],
@@ -440,37 +467,45 @@ def refine_homography(
             ],
             dtype=np.float64,
         )
-        level_converged = False
         for _ in range(budget):
             H_cv = _at_level(H, level)
-            residual = _warp_to_template(target, H_cv, (w, h))[ys, xs] - t_values
-            valid = np.isfinite(residual)
+            warped = _warp_to_template(target, H_cv, (w, h))
+            w_gy, w_gx = np.gradient(warped)
+            residual = warped[ys, xs] - t_values
+            # ESM: the mean of the template's and the warped target's gradients.
+            mean_gx = 0.5 * (t_gx + w_gx[ys, xs])
+            mean_gy = 0.5 * (t_gy + w_gy[ys, xs])
+            valid = np.isfinite(residual) & np.isfinite(mean_gx) & np.isfinite(mean_gy)
             if valid.sum() < 64:
                 return None
             residual[~valid] = 0.0  # with weight 0 below: outside the target
+            mean_gx[~valid] = 0.0
+            mean_gy[~valid] = 0.0
             weight = np.zeros_like(residual)
             weight[valid] = _huber_weights(residual[valid])
-            weighted = sd * weight[:, None]
-            hessian = (weighted.T @ sd).astype(np.float64)
+            jacobian = mean_gx[:, None] * jx + mean_gy[:, None] * jy
+            weighted = jacobian * weight[:, None]
+            hessian = (weighted.T @ jacobian).astype(np.float64)
             gradient = (weighted.T @ residual).astype(np.float64)
             try:
-                dp = np.linalg.solve(hessian, gradient)
+                dp = -np.linalg.solve(hessian, gradient)
             except np.linalg.LinAlgError:
                 return None
             D = np.array(
                 [[1 + dp[0], dp[1], dp[2]], [dp[3], 1 + dp[4], dp[5]], [dp[6], dp[7], 1.0]]
             )
-            # Inverse composition in normalised coordinates: H_n <- H_n D^-1.
-            step = N_inv @ np.linalg.inv(D) @ N
+            # Forward composition in normalised coordinates: H_n <- H_n D.
+            step = N_inv @ D @ N
             H = _from_level(H_cv @ step, level)
             if not np.all(np.isfinite(H)):
                 return None
             moved, _ = _apply(step, corners)
-            if float(np.abs(moved - corners).max()) < _CONVERGED_PX:
-                level_converged = True
+            last_step = float(np.abs(moved - corners).max())
+            if last_step < _CONVERGED_PX:
                 break
-        converged = converged and level_converged
-    return _Alignment(H=H, converged=converged)
+    # The finest octave's last step bounds the distance to its optimum (the iteration
+    # contracts by about 2-3x per step): accept when it is small.
+    return _Alignment(H=H, converged=last_step < _ACCEPT_STEP_PX)
 
 
 # ------------------------------------------------------------------------------ sanity
@@ -520,11 +555,15 @@ def _estimate_pair(
     max_deviation_px: float,
     iterations: Sequence[int],
     times: dict[str, float],
+    start_from: _PairResult | None = None,
 ) -> _PairResult:
-    """One direction of one pair: matched, then refined, then the sanity checks."""
+    """One direction of one pair: matched, then refined, then the sanity checks.
+
+    ``start_from`` replaces the prior as the first candidate (a composed estimate); ``H_prior``
+    still sets the deviation check and the compared pixels."""
     max_deviation = max_deviation_px * scale
-    candidates: list[_PairResult] = [_PairResult(H_prior, "prior")]
-    start = time.perf_counter()
+    candidates = [start_from if start_from is not None else _PairResult(H_prior, "prior")]
+    start = time.process_time()
     if match and src.features is not None and dst.features is not None:
         src_pts, dst_pts = guided_matches(
             src.features, dst.features, _to_cv(H_prior), gate_px=gate_px * scale
@@ -532,10 +571,10 @@ def _estimate_pair(
         H_matched = fit_matches(src_pts, dst_pts, match_threshold_px * scale, min_matches)
         if H_matched is not None and deviation_px(H_matched, H_prior, image_size) <= max_deviation:
             candidates.append(_PairResult(H_matched, "matched"))
-    times["match"] += 1000 * (time.perf_counter() - start)
+    times["match"] += 1000 * (time.process_time() - start)
     if not refine or not src.normalised:
         return candidates[-1]
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         levels = len(src.normalised)
         pixels = [_template_pixels(src, dst, level, H_prior) for level in range(levels)]
@@ -554,7 +593,27 @@ def _estimate_pair(
             return _PairResult(aligned.H, "refined")
         return candidates[best]
     finally:
-        times["refine"] += 1000 * (time.perf_counter() - start)
+        times["refine"] += 1000 * (time.process_time() - start)
+
+
+def bridge_view(prior: HomographyCache, src: str, dst: str, views: Sequence[str]) -> str | None:
+    """A view ``b`` of ``views`` with reliable ``src->b`` and ``b->dst`` in ``prior`` (the one
+    whose weaker leg has the most inliers), or ``None``.
+
+    Two side cameras 90 degrees apart see the part from viewpoints too different for SIFT to
+    match reliably, while both match the top camera: all three see the part's plane, so the
+    sample's ``H(b->dst) H(src->b)`` is that pair's homography, up to the two legs' errors,
+    and the dense refinement then aligns the pair directly (``composed`` / ``refined``)."""
+    best, best_support = None, -1
+    for bridge in views:
+        if bridge in (src, dst):
+            continue
+        legs = [prior.pairs[HomographyCache.pair_key(*p)] for p in ((src, bridge), (bridge, dst))]
+        if all(leg.status == "ok" for leg in legs):
+            support = min(leg.inliers for leg in legs)
+            if support > best_support:
+                best, best_support = bridge, support
+    return best
 
 
 def _budgets(iterations: Sequence[int], levels: int) -> list[int]:
@@ -595,13 +654,15 @@ def estimate_sample_homographies(
             constants (pixels at ``REFERENCE_SIZE``).
         iterations: Gauss-Newton iterations per octave of the refinement, coarsest first
             (``(12, 6)`` at 256 px: 12 at 128 px, then 6 at 256 px).
-        timings: when given, receives the milliseconds spent per stage (``features``,
+        timings: when given, receives the CPU milliseconds spent per stage (``features``,
             ``match``, ``dense_images``, ``refine``, ``total``), added to what it holds.
+            Process CPU time, not wall time: the cost on one core when OpenCV and numpy run
+            single-threaded (``cv2.setNumThreads(1)``), unaffected by other processes.
 
     Returns:
         ``SampleHomographies`` at the images' size, one entry per requested pair.
     """
-    total_start = time.perf_counter()
+    total_start = time.process_time()
     if not images:
         raise DataError("estimate_sample_homographies: no images given")
     views = list(images)
@@ -622,15 +683,25 @@ def estimate_sample_homographies(
     scale = max(size) / REFERENCE_SIZE
     times = dict.fromkeys(("features", "match", "dense_images", "refine"), 0.0)
 
-    # One direction per unordered pair, the first one requested.
+    # One direction per unordered pair, the first one requested. Pairs the category marks
+    # unreliable are composed through a bridge view (its two legs estimated as well).
     estimated: list[tuple[str, str]] = []
+    bridges: dict[tuple[str, str], str | None] = {}
     seen: set[frozenset[str]] = set()
     for src, dst in pairs:
-        key = frozenset((src, dst))
-        if key not in seen:
-            seen.add(key)
-            estimated.append((src, dst))
-    needed = sorted({v for pair in estimated for v in pair}, key=views.index)
+        if frozenset((src, dst)) in seen:
+            continue
+        seen.add(frozenset((src, dst)))
+        estimated.append((src, dst))
+        if prior.pairs[HomographyCache.pair_key(src, dst)].status != "ok":
+            bridges[(src, dst)] = bridge_view(prior, src, dst, views)
+    direct = [p for p in estimated if p not in bridges]
+    for (src, dst), bridge in bridges.items():
+        for leg in ((src, bridge), (bridge, dst)) if bridge is not None else ():
+            if frozenset(leg) not in seen:
+                seen.add(frozenset(leg))
+                direct.append(leg)
+    needed = sorted({v for pair in direct for v in pair}, key=views.index)
     prepared: dict[str, _View] = {}
     for view in needed:
         prepared[view], t_features, t_dense = _prepare_view(
@@ -639,37 +710,50 @@ def estimate_sample_homographies(
         times["features"] += t_features
         times["dense_images"] += t_dense
 
+    def prior_at_size(src: str, dst: str) -> np.ndarray:
+        H = torch.tensor(prior.pairs[HomographyCache.pair_key(src, dst)].H, dtype=torch.float64)
+        return _normalise(scale_homography(H, tuple(prior.image_size), size).numpy())
+
+    options = dict(
+        scale=scale,
+        refine=refine,
+        gate_px=gate_px,
+        match_threshold_px=match_threshold_px,
+        min_matches=min_matches,
+        max_deviation_px=max_deviation_px,
+        iterations=iterations,
+        times=times,
+    )
     out = SampleHomographies(image_size=size)
-    for src, dst in estimated:
-        key = HomographyCache.pair_key(src, dst)
-        H_prior = scale_homography(
-            torch.tensor(prior.pairs[key].H, dtype=torch.float64), tuple(prior.image_size), size
-        ).numpy()
+
+    def store(src: str, dst: str, result: _PairResult) -> None:
+        out.H[HomographyCache.pair_key(src, dst)] = result.H
+        out.status[HomographyCache.pair_key(src, dst)] = result.status
+        out.H[HomographyCache.pair_key(dst, src)] = _normalise(np.linalg.inv(result.H))
+        out.status[HomographyCache.pair_key(dst, src)] = result.status
+
+    for src, dst in direct:
+        H_prior = prior_at_size(src, dst)
+        result = _estimate_pair(prepared[src], prepared[dst], H_prior, size, match=match, **options)
+        store(src, dst, result)
+    for (src, dst), bridge in bridges.items():
+        if bridge is None:
+            store(src, dst, _PairResult(np.eye(3), "unreliable"))
+            continue
+        # Plane-induced homographies compose: H(s->d) = H(b->d) H(s->b), for the category's
+        # (the prior of the checks) and for the sample's own (the starting point).
+        H_prior = _normalise(prior_at_size(bridge, dst) @ prior_at_size(src, bridge))
+        key_in, key_out = (HomographyCache.pair_key(*p) for p in ((src, bridge), (bridge, dst)))
+        composed = _PairResult(_normalise(out.H[key_out] @ out.H[key_in]), "composed")
         result = _estimate_pair(
-            prepared[src],
-            prepared[dst],
-            _normalise(H_prior),
-            size,
-            scale=scale,
-            match=match,
-            refine=refine,
-            gate_px=gate_px,
-            match_threshold_px=match_threshold_px,
-            min_matches=min_matches,
-            max_deviation_px=max_deviation_px,
-            iterations=iterations,
-            times=times,
+            prepared[src], prepared[dst], H_prior, size, match=False, start_from=composed, **options
         )
-        out.H[key] = result.H
-        out.status[key] = result.status
-        reverse = HomographyCache.pair_key(dst, src)
-        out.H[reverse] = _normalise(np.linalg.inv(result.H))
-        out.status[reverse] = result.status
+        store(src, dst, result)
     requested = [HomographyCache.pair_key(s, d) for s, d in pairs]
     out.H = {k: out.H[k] for k in requested}
     out.status = {k: out.status[k] for k in requested}
     if timings is not None:
-        times["total"] = 1000 * (time.perf_counter() - total_start)
+        times["total"] = 1000 * (time.process_time() - total_start)
         for name, value in times.items():
             timings[name] = timings.get(name, 0.0) + value
     return out
