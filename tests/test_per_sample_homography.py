@@ -47,6 +47,12 @@ CAM_B = cv2.getPerspectiveTransform(
 ).astype(np.float64)
 
 
+CAM_C = cv2.getPerspectiveTransform(
+    np.float32([[0, 0], [PHOTO, 0], [PHOTO, PHOTO], [0, PHOTO]]),
+    np.float32([[-18, 4], [160, -14], [176, 160], [0, 174]]),
+).astype(np.float64)
+
+
 def pixel_centre(H_cv: np.ndarray) -> np.ndarray:
     H = from_opencv_convention(torch.from_numpy(H_cv)).numpy()
     return H / H[2, 2]
@@ -72,6 +78,20 @@ def to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
+def disturbed(H: np.ndarray, degrees: float, shift: tuple[float, float]) -> np.ndarray:
+    """``H`` followed by a rotation about the view centre and a shift (a hand placement)."""
+    angle, c = np.deg2rad(degrees), SIZE / 2
+    cos, sin = np.cos(angle), np.sin(angle)
+    R = np.array(
+        [
+            [cos, -sin, c - c * cos + c * sin + shift[0]],
+            [sin, cos, c - c * sin - c * cos + shift[1]],
+            [0, 0, 1.0],
+        ]
+    )
+    return R @ H
+
+
 @pytest.fixture(scope="module")
 def sample():
     """``(images, prior, H_true)`` of the two-view sample described in the module docstring."""
@@ -87,17 +107,8 @@ def sample():
         "C2": to_rgb(view_b + rng.normal(0, 1.2, view_b.shape)),
     }
     H_true = pixel_centre(CAM_B @ np.linalg.inv(CAM_A))
-    # The prior: the truth after a 1.5 deg rotation about the view centre and a 1.5 px shift.
-    angle = np.deg2rad(1.5)
-    c = SIZE / 2
-    R = np.array(
-        [
-            [np.cos(angle), -np.sin(angle), c - c * np.cos(angle) + c * np.sin(angle) + 1.5],
-            [np.sin(angle), np.cos(angle), c - c * np.sin(angle) - c * np.cos(angle) - 1.0],
-            [0, 0, 1.0],
-        ]
-    )
-    H_prior = R @ H_true
+    # The prior: the truth after a 1.5 deg rotation about the view centre and a shift.
+    H_prior = disturbed(H_true, 1.5, (1.5, -1.0))
     prior = HomographyCache(
         category="pair",
         image_size=(SIZE, SIZE),
@@ -108,6 +119,45 @@ def sample():
         },
     )
     return images, prior, H_true
+
+
+def test_pair_unreliable_in_the_cache_is_bridged_through_a_third_view(sample):
+    images, _, H_true = sample
+    photo = photograph()
+    images = {**images, "C3": to_rgb(render(CAM_C, photo))}
+    H_13 = pixel_centre(CAM_C @ np.linalg.inv(CAM_A))
+    H_32 = H_true @ np.linalg.inv(H_13)
+    prior_13, prior_32 = disturbed(H_13, 1.0, (1.0, -1.5)), disturbed(H_32, -1.2, (-1.0, 1.0))
+    entry = lambda H: PairEstimate(H.tolist(), 100, 1.0, 0.5)  # noqa: E731
+    unreliable = PairEstimate(np.eye(3).tolist(), 3, 0.1, 2.0, status="unreliable")
+    prior = HomographyCache(
+        category="triple",
+        image_size=(SIZE, SIZE),
+        views=["C1", "C2", "C3"],
+        pairs={
+            "C1->C2": unreliable,
+            "C2->C1": unreliable,
+            "C1->C3": entry(prior_13),
+            "C3->C1": entry(np.linalg.inv(prior_13)),
+            "C3->C2": entry(prior_32),
+            "C2->C3": entry(np.linalg.inv(prior_32)),
+        },
+    )
+
+    estimate = estimate_sample_homographies(images, prior, [("C1", "C2"), ("C2", "C1")])
+    assert list(estimate.H) == ["C1->C2", "C2->C1"]  # the bridge's legs are not returned
+    assert estimate.status["C1->C2"] == "refined"
+    assert median_error(estimate.H["C1->C2"], H_true) < 0.15
+    # Without the refinement: the sample's two legs composed.
+    composed = estimate_sample_homographies(images, prior, [("C1", "C2")], refine=False)
+    assert composed.status["C1->C2"] == "composed"
+    assert median_error(composed.H["C1->C2"], H_true) < 1.0
+    # No bridge (the third view absent): the cache's identity, marked unreliable.
+    lone = estimate_sample_homographies(
+        {"C1": images["C1"], "C2": images["C2"]}, prior, [("C1", "C2")]
+    )
+    assert lone.status == {"C1->C2": "unreliable"}
+    np.testing.assert_array_equal(lone.H["C1->C2"], np.eye(3))
 
 
 def overlap_points(H_true: np.ndarray, size: int = SIZE) -> np.ndarray:

@@ -9,17 +9,29 @@ stages per unordered view pair (one direction is estimated, the reverse is its e
    guided matching (a source keypoint is only compared with target keypoints within
    ``gate_px`` of where the prior sends it, then Lowe's ratio test among those), and one
    MAGSAC++ fit at a small threshold polished by least squares (:func:`fit_matches`).
-2. **refined**: a dense inverse-compositional Gauss-Newton (Lucas-Kanade) alignment of the two
-   views, initialised from stage 1 (or the prior), coarse to fine over octaves. It compares
+2. **refined**: a dense Gauss-Newton (Lucas-Kanade) alignment of the two views with the
+   efficient second-order (ESM) Jacobian, initialised from stage 1 (or the prior), coarse to
+   fine over octaves (:func:`refine_homography`). It compares
    *locally normalised* grayscale (each pixel minus the local mean, divided by the local
    contrast, :func:`structure_image`), which cancels exposure, colour gain, smooth shading
    and the broad part of specular highlights; what survives (clipped highlights, defects,
    occlusions) is down-weighted by Huber weights on the residual. Only pixels where the
    template view has texture and the prior lands inside the target count.
 3. **sanity**: a result that moves more than ``max_deviation_px`` from the prior over the
-   overlap (mean over a grid), that is not a proper homography, or that does not improve the
-   photometric agreement, is discarded; the pair then keeps the better (by that agreement) of
-   the matched fit and the prior, and says so in its status.
+   overlap (mean over a grid), that is not a proper homography, that did not converge, or
+   whose photometric agreement is below the other candidates', is discarded; the pair then
+   keeps the better (by that agreement) of the matched fit and the prior, and says so in its
+   status.
+
+Pairs the category marks unreliable (two side cameras 90 degrees apart, which SIFT rarely
+matches) are composed through a bridge view both ends match (:func:`bridge_view`, the top
+camera on Real-IAD's rig) from the sample's own estimates, then refined directly; pairs with
+no bridge keep the cache's identity, status ``unreliable``.
+
+Measured on the realistic synthetic rig (``benchmarks/homography_accuracy.py``, results in
+``benchmarks/results/homography_accuracy.md``): median transfer error against each sample's
+true homographies 0.01-0.06 px per category at 256 px, against 0.05-0.64 px for a plain
+per-sample SIFT + MAGSAC fit and 1.5-2.2 px for the category's homographies.
 
 Pixel thresholds are given at 256 px and scale with the image (``REFERENCE_SIZE``). Matrices
 are in the project's pixel-centre convention; OpenCV's keypoints and warps put centres on
@@ -66,9 +78,11 @@ refinement did not confirm it); ``unreliable``: no reliable path, identity (as i
 REFERENCE_SIZE = 256
 """Pixel thresholds below are stated at this image size and scale with ``max(W, H)``."""
 
-DEFAULT_GATE_PX = 6.0
+DEFAULT_GATE_PX = 10.0
 """Guided matching: a target keypoint is a candidate when it lies within this distance of
-where the prior sends the source keypoint (per-sample deviations are 1-3 px)."""
+where the prior sends the source keypoint. A hand placement moves a top-to-side homography by
+1-3 px, but a side-to-side pair compounds two such moves: up to 9 px on the realistic
+synthetic rig (tissue C2->C3), where a 6 px gate lost the true matches."""
 
 DEFAULT_GUIDED_RATIO = 0.85
 """Lowe's ratio among the gated candidates; looser than the global 0.75 because the gate
@@ -80,9 +94,10 @@ DEFAULT_MATCH_THRESHOLD_PX = 1.5
 DEFAULT_MIN_MATCHES = 12
 """Inliers below which the matched fit is not used."""
 
-DEFAULT_MAX_DEVIATION_PX = 6.0
+DEFAULT_MAX_DEVIATION_PX = 12.0
 """A per-sample estimate whose mean distance from the prior over the overlap exceeds this is
-rejected (a hand-placed part moves the homography by a few pixels, not more)."""
+rejected: a hand-placed part moves the homography by a few pixels (up to 9 px on side-to-side
+pairs, see ``DEFAULT_GATE_PX``), a wrong basin or a degenerate fit by more."""
 
 DEFAULT_ITERATIONS = (12, 6)
 """Gauss-Newton iterations per octave, coarsest first (they stop earlier on convergence);
@@ -375,7 +390,10 @@ def _template_pixels(
     """``(xs, ys)`` of the template pixels the refinement uses at ``level``: textured in the
     source (local contrast above ``_TEXTURE_THRESHOLD``) and mapped by the prior (pixel-centre,
     full size) at least two pixels inside the target. Fixed from the prior so that every
-    candidate of a pair is scored on the same pixels."""
+    candidate of a pair is scored on the same pixels. At the finest octave only every other
+    pixel (a checkerboard) is used: neighbouring pixels of a pre-smoothed image carry nearly
+    the same information, and on the realistic synthetic rig the result was unchanged (median
+    error within 0.001 px on brick, coffee and facade) for a third less refinement time."""
     contrast = src.contrast[level]
     h, w = contrast.shape
     th, tw = dst.contrast[level].shape
@@ -389,7 +407,11 @@ def _template_pixels(
     )
     overlap = cv2.erode(overlap, np.ones((5, 5), dtype=np.uint8))
     overlap[:2], overlap[-2:], overlap[:, :2], overlap[:, -2:] = 0, 0, 0, 0
-    ys, xs = np.nonzero((overlap > 0) & (contrast > _TEXTURE_THRESHOLD))
+    keep = (overlap > 0) & (contrast > _TEXTURE_THRESHOLD)
+    if level == 0:  # every other pixel, as a checkerboard (see the docstring)
+        keep[0::2, 1::2] = False
+        keep[1::2, 0::2] = False
+    ys, xs = np.nonzero(keep)
     return xs, ys
 
 
@@ -426,15 +448,22 @@ def refine_homography(
     *,
     iterations: Sequence[int] = DEFAULT_ITERATIONS,
 ) -> _Alignment | None:
-    """Dense inverse-compositional Gauss-Newton from ``H_init`` (pixel-centre, full size).
+    """Dense Gauss-Newton alignment from ``H_init`` (pixel-centre, full size).
 
     Template: the source view's structure image at the pixels ``pixels[level]`` (see
     :func:`_template_pixels`); the target's structure image is sampled through the current
-    homography. Minimises ``sum_x w(x) (I_dst(H x) - I_src(x))^2`` over the 8 parameters of a
-    homography in coordinates normalised to ``[-1, 1]`` (for conditioning), with Huber
-    weights ``w`` refreshed each iteration, coarsest octave first. ``iterations[i]`` bounds
-    the iterations of the ``i``-th octave from the coarsest. Returns ``None`` when an octave
-    has too few pixels or the system is singular.
+    homography ``H``. Minimises ``sum_x w(x) (I_dst(H x) - I_src(x))^2`` over the 8
+    parameters of a homography update composed on the right (``H <- H D``), in coordinates
+    normalised to ``[-1, 1]`` for conditioning, with Huber weights ``w`` refreshed each
+    iteration, coarsest octave first. The Jacobian uses the mean of the template's and the
+    warped target's gradients (ESM, Benhimane and Malis 2004): the two views see the part
+    under different foreshortening, and with the template's gradient alone (inverse
+    compositional) the steps shrank by only ~0.6x per iteration on the realistic rig's
+    side-to-side pairs, against ~0.3x with ESM. ``iterations[i]`` bounds the iterations of the
+    ``i``-th octave from the coarsest; an octave ends when no corner of the overlap moves by
+    ``_CONVERGED_PX``. Returns ``None`` when an octave has too few pixels or the system is
+    singular; ``converged`` says whether the finest octave's last step was below
+    ``_ACCEPT_STEP_PX``.
     """
     levels = len(pixels)
     if len(iterations) != levels:
