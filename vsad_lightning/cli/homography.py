@@ -130,7 +130,7 @@ def _per_sample(args: argparse.Namespace, views: list[str] | None) -> int:
         f"per-sample homographies of {args.category!r} {args.split}: {n} samples at {W}x{H} px, "
         f"pairs by status: " + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
-    print(f"ms per sample: {stages}")
+    print(f"CPU ms per sample: {stages}")
     print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
