@@ -1,33 +1,39 @@
-"""Accuracy ablations side by side: full VSAD vs its parts switched off, on the synthetic rig.
+"""Accuracy ablations side by side: full VSAD against its parts switched off, per category.
 
-Every variant is one set of ``vsad-fit`` overrides on top of one base config; each variant is
-trained and tested on every category with the same seeds, through the same ``fit_main`` users
-run. Results: ``<out>/accuracy.md`` (per category and mean) and ``<out>/accuracy.png`` (mean
-bars), plus the runs under ``<out>/runs/<variant>/``.
+Two kinds of variant:
 
-    python benchmarks/accuracy.py                       # the whole table (long on a CPU)
-    python benchmarks/accuracy.py --quick               # 64 px, 1 epoch: a smoke-scale table
-    python benchmarks/accuracy.py --variants full single_view
+- **fit variants** (``FIT_VARIANTS``): one set of ``vsad-fit`` overrides on top of one base
+  config; each is trained and tested on every category and seed through the same ``fit_main``
+  users run (``--fits``).
+- **scoring variants** (``SCORING_VARIANTS``): scoring options that need no new training
+  (calibration, cross-view fusion, which levels are scored, the paper's scoring). They are
+  evaluated on each fit's ``final.ckpt`` in this process: the test features are extracted once
+  (the U-Net passes are the expensive part) and scored under every variant with the model's
+  own ``VSADModule.score_extracted``; where a variant changes what the normals' leave-one-out
+  maps depend on (levels, bank mode), the calibration is refitted from the bank, on normals
+  only. The variant ``as_fitted`` must reproduce ``vsad-fit``'s own ``metrics.json``; the script
+  checks that it does.
 
-Variants:
-- ``full``: the base config as it is (the demo's: 64 px, positional bank, latent level).
+    python benchmarks/accuracy.py                                  # realistic rig, all categories
+    python benchmarks/accuracy.py --rig simple --categories brick,gravel,coffee --seeds 0
+    python benchmarks/accuracy.py --quick                          # smoke scale
+
+Every category is reported, with the mean and the spread over seeds. A seed sets both the
+synthetic data (``vsad-synth --seed``) and the training (``seed_everything``). Results:
+``<out>/accuracy_<rig>.md`` / ``.json`` / ``.png``; runs under ``<work>/runs_<rig>/``.
+
+Fit variants:
+- ``full``: the base config as it is.
 - ``mvam_off`` / ``frm_off``: ``model.use_mvam`` / ``model.use_frm`` false.
-- ``R1`` / ``R3`` / ``R5``: MVAM's candidate window ``model.window``.
-- ``levels_last`` / ``levels_last2`` / ``levels_last3``: ``model.feature_levels``.
-- ``noise_mode``: ``model.feature_mode noise`` instead of DDIM inversion.
 - ``single_view``: the PatchCore-style baseline: the same backbone, features and training
-  budget, no MVAM, no FRM, each view scored on its own against one global bank, raw distances.
-- ``global_bank`` / ``no_norm`` / ``no_latent``: the scoring choices of the embedded default
-  (docs/choices.md), each switched back to the paper's on its own: the whole-bank search,
-  no feature normalisation, no latent level (``model.latent_weight 0``).
-- ``no_calibration``: raw distances (``model.calibration none``) instead of the demo's scores
-  standardised per position and per view on the training normals.
+  budget, no MVAM, no FRM, each view scored on its own against one global bank with the raw
+  distances (no calibration, no fusion).
+- ``per_sample_h_off``: the category's homographies for every sample
+  (``data.per_sample_homographies false``) in training, MVAM and fusion.
+- ``R1`` / ``R5``, ``levels_*``, ``noise_mode``: MVAM's window, the feature levels, the
+  feature mode.
 
-``--reuse`` keeps a (variant, category) run that already has a ``metrics.json`` under
-``--work`` instead of training it again (same config and data assumed: use it to resume an
-interrupted table, not after changing either). The table is rewritten after every variant, so
-an interrupted run still leaves the finished rows. ``benchmarks/accuracy_findings.md`` (what
-helped and what did not, measured by hand) is appended to ``accuracy.md`` when present.
+``--reuse`` keeps a (variant, category, seed) run that already has a ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -43,107 +49,192 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import yaml
 
 from vsad_lightning.cli.run import fit_main
-from vsad_lightning.data.synthetic import write_synthetic_dataset
-from vsad_lightning.metrics.export import collect_metrics
+from vsad_lightning.data.datamodule import MultiViewDataModule
+from vsad_lightning.data.synthetic import resolve_categories, write_synthetic_dataset
+from vsad_lightning.metrics import AnomalyMetrics
+from vsad_lightning.system.module import VSADModule, update_metrics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import cpu_model  # noqa: E402
 
-VARIANTS: dict[str, list[str]] = {
+FIT_VARIANTS: dict[str, list[str]] = {
     "full": [],
     "mvam_off": ["--model.use_mvam", "false"],
     "frm_off": ["--model.use_frm", "false"],
-    "R1": ["--model.window", "1"],
-    "R3": ["--model.window", "3"],
-    "R5": ["--model.window", "5"],
-    "levels_last": ["--model.feature_levels", "[-1]"],
-    "levels_last2": ["--model.feature_levels", "[-2, -1]"],
-    "levels_last3": ["--model.feature_levels", "[-3, -2, -1]"],
-    "noise_mode": ["--model.feature_mode", "noise"],
     "single_view": [
         "--model.use_mvam", "false", "--model.use_frm", "false", "--model.bank_mode", "global",
-        "--model.calibration", "none",
+        "--model.calibration", "none", "--model.fusion_strength", "0.0",
     ],
-    "global_bank": ["--model.bank_mode", "global"],
-    "no_norm": ["--model.feature_norm", "none"],
-    "no_latent": ["--model.latent_weight", "0.0"],
-    "no_calibration": ["--model.calibration", "none"],
-    # Does alignment help where the score rests on the U-Net levels alone?
-    "no_latent_mvam_off": ["--model.latent_weight", "0.0", "--model.use_mvam", "false"],
+    "per_sample_h_off": ["--data.per_sample_homographies", "false"],
+    "R1": ["--model.window", "1"],
+    "R5": ["--model.window", "5"],
+    "levels_last": ["--model.feature_levels", "[-1]"],
+    "levels_last3": ["--model.feature_levels", "[-3, -2, -1]"],
+    "noise_mode": ["--model.feature_mode", "noise"],
 }  # fmt: skip
-FINDINGS = Path(__file__).with_name("accuracy_findings.md")
+
+SCORING_VARIANTS: dict[str, dict] = {
+    "as_fitted": {},
+    "fusion_off": {"fusion_strength": 0.0},
+    "calibration_off": {"calibration": "none"},
+    "view_calibration": {"calibration": "view"},
+    "latent_only": {"unet_weight": 0.0},
+    "unet_only": {"latent_weight": 0.0},
+    # The paper's scoring: U-Net levels only, one global bank, raw distances, no fusion.
+    "paper_scoring": {
+        "latent_weight": 0.0, "bank_mode": "global", "calibration": "none", "fusion_strength": 0.0,
+    },
+}  # fmt: skip
+"""Scoring options evaluated on a fitted model; ``unet_weight`` sets every decoder level's
+``w_l``. Variants that do not apply to a fit (fusion on an uncalibrated one) are skipped."""
+
 SHOWN = ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro")
+DECISIONS = ("sample_f1", "sample_fpr", "sample_fnr")
+FINDINGS = Path(__file__).with_name("accuracy_findings.md")
 
 
-def effective_overrides(name: str, config: Path) -> list[str]:
-    """The variant's overrides that change something: pairs whose value the config already
-    has are dropped (``R3`` is the demo's own window, so it is the ``full`` run)."""
-    doc = yaml.safe_load(config.read_text())
-    pairs = VARIANTS[name]
-    kept = []
-    for key, value in zip(pairs[::2], pairs[1::2], strict=True):
-        section, option = key.removeprefix("--").split(".", 1)
-        if (doc.get(section) or {}).get(option) != yaml.safe_load(value):
-            kept += [key, value]
-    return kept
+def run_fit(name: str, base: list[str], data: Path, category: str, root: Path, reuse: bool) -> Path:
+    """Fit and test one variant on one category; returns its run folder."""
+    folder = root / "realiad" / category
+    done = sorted(folder.glob("version_*/metrics.json")) if reuse else []
+    if done:
+        print(f"  {name:>16} {category:>9}: reused", flush=True)
+        return done[-1].parent
+    args = [
+        *base, "--data.root", str(data), "--data.category", category,
+        "--trainer.default_root_dir", str(root), *FIT_VARIANTS[name],
+    ]  # fmt: skip
+    start = time.perf_counter()
+    # The fit prints its own table; keep the benchmark's output to one line per run.
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = fit_main(args)
+    if code != 0:
+        raise SystemExit(f"{name}/{category}: vsad-fit exited with {code}")
+    print(f"  {name:>16} {category:>9}: {time.perf_counter() - start:6.1f} s", flush=True)
+    return sorted(folder.glob("version_*/metrics.json"))[-1].parent
 
 
-def run_variant(
-    name: str, base: list[str], data: Path, categories: list[str], runs: Path, reuse: bool
-) -> list[dict]:
-    """Fit and test one variant on every category; returns the metrics rows."""
-    root = runs / name
-    done = {row["category"] for row in collect_metrics(root)} if reuse and root.is_dir() else set()
-    for category in categories:
-        if category in done:
-            print(f"{name:>16} {category:>8}: reused", flush=True)
+def _load(run: Path) -> tuple[VSADModule, MultiViewDataModule]:
+    """The fitted model (weights-only) and its test data, from the run folder's config."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    module = VSADModule(**config["model"])
+    state = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    data = MultiViewDataModule(**config["data"])
+    data.prepare_data()
+    data.setup("test")
+    return module.eval(), data
+
+
+def _refit_calibration(module: VSADModule) -> None:
+    """Leave-one-out maps of the normals under the module's current scoring settings (the
+    bank's own features, normals only) and the calibration fitted from them."""
+    bank, calibration = module.memory_bank, module.calibration
+    levels = bank.levels
+    n = bank.num_samples(levels[0])
+
+    def features_of(ids):
+        return {level: bank.sample_features(level, ids) for level in levels}
+
+    size = tuple(calibration.position_center.shape[1:][::-1])
+    maps = module.leave_one_out_maps(torch.arange(n), features_of, size)
+    module.fit_calibration(maps, calibration.normal_homographies, calibration.neighbour_mask.bool())
+
+
+def evaluate_scoring(run: Path, names: list[str]) -> dict[str, dict]:
+    """Metrics of each scoring variant on one fitted run (module docstring)."""
+    module, data = _load(run)
+    fitted = dict(module.hparams)
+    calibrated = module.calibration.is_fitted()
+    with torch.no_grad():
+        batches = [(b, module.extract_features(b)) for b in data.test_dataloader()]
+    results = {}
+    for name in names:
+        options = dict(SCORING_VARIANTS[name])
+        module.hparams.update(fitted)
+        unet_weight = options.pop("unet_weight", None)
+        if unet_weight is not None:
+            options["level_weights"] = [unet_weight] * len(module.feature_levels)
+        module.hparams.update(options)
+        needs_calibration = (
+            module.hparams.calibration != "none" or module.hparams.fusion_strength > 0
+        )
+        if needs_calibration and not calibrated:
             continue
-        args = [
-            *base,
-            "--data.root", str(data),
-            "--data.category", category,
-            "--trainer.default_root_dir", str(root),
-            *VARIANTS[name],
-        ]  # fmt: skip
-        start = time.perf_counter()
-        # The fit prints its own table; keep the benchmark's output to one line per run.
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = fit_main(args)
-        if code != 0:
-            raise SystemExit(f"{name}/{category}: vsad-fit exited with {code}")
-        print(f"{name:>16} {category:>8}: {time.perf_counter() - start:6.1f} s", flush=True)
-    rows = {row["category"]: row for row in collect_metrics(root)}  # newest wins (sorted)
-    return [rows[c] for c in categories]
+        relevant = ("level_weights", "latent_weight", "bank_mode")
+        if calibrated and any(module.hparams[k] != fitted[k] for k in relevant):
+            _refit_calibration(module)
+        metrics = AnomalyMetrics()
+        for batch, features in batches:
+            used = {level: f for level, f in features.items() if level in module.level_weights}
+            update_metrics(metrics, batch, module.score_extracted(batch, used))
+        results[name] = {k: float(v) for k, v in metrics.compute().items()}
+        if calibrated and any(module.hparams[k] != fitted[k] for k in relevant):
+            module.hparams.update(fitted)
+            _refit_calibration(module)  # back to the fitted statistics for the next variant
+    expected = json.loads((run / "metrics.json").read_text())
+    for key in SHOWN:
+        got, want = results["as_fitted"][key], expected[key]
+        if abs(got - want) > 1e-4:
+            raise SystemExit(f"{run}: as_fitted {key} {got:.6f} != vsad-fit's {want:.6f}")
+    return results
 
 
-def markdown(results: dict[str, list[dict]], categories: list[str], header: str) -> str:
-    lines = [header, ""]
-    lines.append("| variant | " + " | ".join(f"{k} (mean)" for k in SHOWN) + " |")
-    lines.append("|---|" + "---|" * len(SHOWN))
-    for name, rows in results.items():
-        means = [np.mean([r[k] for r in rows]) for k in SHOWN]
-        lines.append(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
-    lines += ["", "Per category (sample / view / pixel AUROC / AUPRO):", ""]
-    lines.append("| variant | " + " | ".join(categories) + " |")
-    lines.append("|---|" + "---|" * len(categories))
-    for name, rows in results.items():
-        cells = [" / ".join(f"{r[k]:.3f}" for k in SHOWN) for r in rows]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+# ----------------------------------------------------------------------------- the report
+
+Table = dict[str, dict[str, dict[int, dict]]]
+"""row -> category -> seed -> metrics."""
+
+
+def _cell(values: list[float]) -> str:
+    """``mean ± spread`` over seeds (spread: half the range, the honest number for 2 seeds)."""
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def markdown(table: Table, categories: list[str], seeds: list[int], header: str) -> str:
+    keys = (*SHOWN, *DECISIONS)
+    lines = [header, "", "Mean over the categories (± half the range over seeds):", ""]
+    lines.append("| row | " + " | ".join(keys) + " |")
+    lines.append("|---|" + "---|" * len(keys))
+    for row, per_cat in table.items():
+        cells = []
+        for key in keys:
+            per_seed = [
+                np.mean([per_cat[c][s].get(key, np.nan) for c in categories])
+                for s in seeds
+                if all(s in per_cat.get(c, {}) for c in categories)
+            ]
+            cells.append(_cell(per_seed))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    for key in ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro"):
+        lines += ["", f"Per category, {key} (mean ± half the range over seeds):", ""]
+        lines.append("| row | " + " | ".join(categories) + " |")
+        lines.append("|---|" + "---|" * len(categories))
+        for row, per_cat in table.items():
+            cells = [
+                _cell([per_cat.get(c, {}).get(s, {}).get(key, np.nan) for s in seeds])
+                for c in categories
+            ]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict[str, list[dict]], path: Path) -> None:
-    """Grouped bars of the mean metrics per variant, drawn with OpenCV (already a dependency)."""
+def bar_chart(table: Table, path: Path) -> None:
+    """Grouped bars of the mean metrics per row, drawn with OpenCV (already a dependency)."""
     colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214)]  # BGR
-    names = list(results)
+    names = list(table)
     group, bar, left, top, height = 18 + 14 * len(SHOWN), 14, 70, 40, 300
-    # Wide enough for the bars and for the legend (150 px per metric).
     width = max(left + group * len(names) + 20, left + 150 * len(SHOWN))
-    # Room below the axis for the rotated 120 px labels that start 12 px under it.
-    image = np.full((top + height + 12 + 120 + 8, width, 3), 255, np.uint8)
+    image = np.full((top + height + 12 + 160 + 8, width, 3), 255, np.uint8)
     for tick in np.linspace(0, 1, 6):
         y = int(top + height * (1 - tick))
         cv2.line(image, (left - 5, y), (width - 10, y), (220, 220, 220), 1)
@@ -151,17 +242,17 @@ def bar_chart(results: dict[str, list[dict]], path: Path) -> None:
     for i, name in enumerate(names):
         x0 = left + i * group + 9
         for j, key in enumerate(SHOWN):
-            value = float(np.mean([r[key] for r in results[name]]))
+            values = [m[key] for per_seed in table[name].values() for m in per_seed.values()]
+            value = float(np.nanmean(values))
             y = int(top + height * (1 - value))
             x = x0 + j * bar
             cv2.rectangle(image, (x, y), (x + bar - 2, top + height), colours[j], -1)
-        label_origin = (x0, top + height + 12)
-        # Variant names are written downwards so long names fit under narrow groups.
-        text = np.full((16, 120, 3), 255, np.uint8)
+        # Row names are written downwards so long names fit under narrow groups.
+        text = np.full((16, 160, 3), 255, np.uint8)
         cv2.putText(text, name, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
         text = cv2.rotate(text, cv2.ROTATE_90_CLOCKWISE)
         h, w = text.shape[:2]
-        image[label_origin[1] : label_origin[1] + h, label_origin[0] : label_origin[0] + w] = text
+        image[top + height + 12 : top + height + 12 + h, x0 : x0 + w] = text
     for j, key in enumerate(SHOWN):
         x = left + j * 150
         cv2.rectangle(image, (x, 10), (x + 12, 22), colours[j], -1)
@@ -169,67 +260,75 @@ def bar_chart(results: dict[str, list[dict]], path: Path) -> None:
     cv2.imwrite(str(path), image)
 
 
+def row_name(fit: str, scoring: str) -> str:
+    """``full`` for the base fit as fitted, ``full / fusion_off`` for a scoring variant of it."""
+    return fit if scoring == "as_fitted" else f"{fit} / {scoring}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--rig", choices=("realistic", "simple"), default="realistic")
     parser.add_argument("--out", default="benchmarks/results", type=Path)
     parser.add_argument("--work", default="runs/accuracy", type=Path, help="Data and runs.")
-    parser.add_argument("--categories", default="brick,gravel,coffee")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--categories", default="all", help="'all' or comma-separated names.")
+    parser.add_argument("--seeds", default="0,1", help="Data and training seeds.")
     parser.add_argument(
-        "--quick", action="store_true", help="1 epoch on 16 training samples: a smoke table."
-    )
+        "--fits", nargs="*", default=["full", "mvam_off", "single_view"],
+        choices=list(FIT_VARIANTS),
+    )  # fmt: skip
+    parser.add_argument(
+        "--scoring", nargs="*", default=list(SCORING_VARIANTS), choices=list(SCORING_VARIANTS),
+        help="Scoring variants evaluated on the 'full' fit (the other fits: as fitted only).",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="Tiny data and 1 epoch: a smoke run.")
     parser.add_argument("--reuse", action="store_true", help="Keep finished runs in --work.")
     args, extra = parser.parse_known_args(argv)
 
-    # The demo's data: 128 px renders (the config's data.resolution), the generator's default
-    # number of training samples; --quick shrinks both the data and the training.
-    size, train = (64, 16) if args.quick else (128, None)
-    scale = "quick" if args.quick else "full"
-    data = args.work / f"data_{scale}"
-    categories = args.categories.split(",")
-    if not (data / "realiad_jsons").is_dir():
-        sizes = {"samples_train": train} if train else {}
-        write_synthetic_dataset(
-            data, categories, args.seed, image_size=size, progress=print, **sizes
-        )
-    base = ["--config", args.config, "--data.resolution", str(size)]
-    base += ["--seed_everything", str(args.seed), "--pictures.num_samples", "0"]
+    categories = resolve_categories(args.categories, args.rig)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = {"samples_train": 8, "samples_test": 8, "image_size": 128} if args.quick else {}
+    resolution = sizes.get("image_size") or (256 if args.rig == "realistic" else 128)
+    base = ["--config", args.config, "--data.resolution", str(resolution)]
+    base += ["--pictures.num_samples", "0"]
     if args.quick:
         base += ["--trainer.max_epochs", "1"]
     base += extra
+    scoring = list(dict.fromkeys(["as_fitted", *args.scoring]))
+    scale = "quick" if args.quick else "full"
+    command = " ".join(["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"accuracy_{args.rig}"
 
     start = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs = args.work / f"runs_{scale}"
-    command = " ".join(["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
-    same_as: dict[tuple[str, ...], str] = {}  # effective overrides -> the variant that ran them
-    for name in args.variants:
-        key = tuple(effective_overrides(name, Path(args.config)))
-        if key in same_as:
-            # Identical to a variant already run (same config, same seeds): its rows.
-            print(f"{name:>16}: the same run as {same_as[key]}", flush=True)
-            results[f"{name} (= {same_as[key]})"] = results[same_as[key]]
-        else:
-            same_as[key] = name
-            results[name] = run_variant(name, base, data, categories, runs, args.reuse)
-        minutes = (time.perf_counter() - start) / 60
-        header = (
-            f"# Accuracy ablations\n\n`{command}` on {cpu_model()}, {scale} scale "
-            f"({size} px renders), config `{args.config}` + `{' '.join(extra)}`, categories "
-            f"{categories}, data seed {args.seed}; this invocation took {minutes:.1f} min "
-            f"({len(results)} of {len(args.variants)} variants; runs kept by --reuse cost "
-            f"nothing here, about 8 min per variant on a quiet machine)."
-        )
-        table = markdown(results, categories, header)
-        if FINDINGS.is_file():
-            table += "\n" + FINDINGS.read_text()
-        (args.out / "accuracy.md").write_text(table)
-        bar_chart(results, args.out / "accuracy.png")
-        (args.out / "accuracy.json").write_text(json.dumps({"header": header, "results": results}))
-    print(markdown(results, categories, header))
+    table: Table = {}
+    for seed in seeds:
+        data = args.work / f"data_{args.rig}_{scale}_seed{seed}"
+        if not (data / "realiad_jsons").is_dir():
+            write_synthetic_dataset(data, categories, seed, rig=args.rig, progress=print, **sizes)
+        for fit in args.fits:
+            runs = args.work / f"runs_{args.rig}_{scale}" / f"{fit}_seed{seed}"
+            for category in categories:
+                run = run_fit(
+                    fit, [*base, "--seed_everything", str(seed)], data, category, runs, args.reuse
+                )
+                names = scoring if fit == "full" else ["as_fitted"]
+                for name, metrics in evaluate_scoring(run, names).items():
+                    row = table.setdefault(row_name(fit, name), {})
+                    row.setdefault(category, {})[seed] = metrics
+            minutes = (time.perf_counter() - start) / 60
+            header = (
+                f"# Accuracy ablations ({args.rig} rig)\n\n`{command}` on {cpu_model()}, "
+                f"config `{args.config}` + `{' '.join(extra)}`, {scale} scale, categories "
+                f"{categories}, seeds {seeds}; this invocation took {minutes:.1f} min so far."
+            )
+            text = markdown(table, categories, seeds, header)
+            if FINDINGS.is_file() and args.rig == "simple":
+                text += "\n" + FINDINGS.read_text()
+            stem.with_suffix(".md").write_text(text)
+            stem.with_suffix(".json").write_text(json.dumps({"header": header, "table": table}))
+            bar_chart(table, stem.with_suffix(".png"))
+    print(markdown(table, categories, seeds, header))
     return 0
 
 

@@ -97,6 +97,23 @@ class AnomalyPrediction:
             self.normalised_maps = self.anomaly_maps
 
 
+def update_metrics(
+    metrics: AnomalyMetrics, batch: MultiViewBatch, prediction: AnomalyPrediction
+) -> None:
+    """One test batch into ``metrics``: the scored maps (calibrated where the model is), the
+    view and sample scores and decisions, against the batch's labels."""
+    metrics.update(
+        prediction.normalised_maps,
+        batch.masks,
+        prediction.view_scores,
+        prediction.sample_scores,
+        batch.view_labels,
+        batch.sample_labels,
+        pred_view_labels=prediction.pred_view_labels,
+        pred_sample_labels=prediction.pred_sample_labels,
+    )
+
+
 class VSADModule(L.LightningModule):
     """VSAD: view-aligned latent diffusion features scored against a memory bank of normals.
 
@@ -485,7 +502,17 @@ class VSADModule(L.LightningModule):
                 "checkpoint written before calibration existed): refit, or test with "
                 "model.calibration none"
             )
-        features = self.extract_features(batch)
+        return self.score_extracted(batch, self.extract_features(batch))
+
+    @torch.no_grad()
+    def score_extracted(
+        self, batch: MultiViewBatch, features: dict[int, Tensor]
+    ) -> AnomalyPrediction:
+        """``score`` from features ``extract_features(batch)`` already computed: the U-Net passes
+        are the expensive part, so benchmarks that compare scoring options on one fitted model
+        extract once and score many times (``benchmarks/accuracy.py``)."""
+        mode = self.hparams.calibration
+        fusion = float(self.hparams.fusion_strength)
         out = score_features(
             self.memory_bank,
             features,
@@ -591,16 +618,7 @@ class VSADModule(L.LightningModule):
 
     def test_step(self, batch: MultiViewBatch, batch_idx: int) -> AnomalyPrediction:
         prediction = self.score(batch)
-        self.test_metrics.update(
-            prediction.normalised_maps,
-            batch.masks,
-            prediction.view_scores,
-            prediction.sample_scores,
-            batch.view_labels,
-            batch.sample_labels,
-            pred_view_labels=prediction.pred_view_labels,
-            pred_sample_labels=prediction.pred_sample_labels,
-        )
+        update_metrics(self.test_metrics, batch, prediction)
         return prediction
 
     def on_test_epoch_end(self) -> None:
