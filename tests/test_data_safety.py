@@ -6,7 +6,7 @@ nothing may appear except inside the documented cache folder ``<root>/vsad_cache
 checkpoints ``vsad-fit`` writes must load with ``torch.load(..., weights_only=True)``, and a
 checkpoint holding an arbitrary object (a pickle bomb) must be refused with one clear line.
 The cache marks two neighbouring pairs unreliable: the run warns and lists them in its
-``homographies.json`` (identity fallback, DESIGN.md, Homographies).
+``homographies.json`` (they leave the neighbour graph).
 """
 
 from __future__ import annotations
@@ -134,10 +134,13 @@ def test_no_command_changes_or_adds_dataset_files_outside_the_cache(pipeline):
 
 def test_unreliable_pairs_are_warned_about_and_listed_in_the_run(pipeline):
     stderr = pipeline["fit"].stderr
-    assert "2 unreliable neighbour pairs fall back to the identity: C2->C3, C3->C2" in stderr
+    assert (
+        "2 neighbour pairs removed from the neighbour graph as unreliable: C2->C3, C3->C2" in stderr
+    )
     report = json.loads((pipeline["run_dir"] / HOMOGRAPHY_REPORT).read_text())
-    assert report["unreliable_pairs"] == UNRELIABLE
-    assert report["fallback"] == "identity" and report["neighbour_graph"] == "top_and_ring"
+    assert report["unreliable_pairs"] == UNRELIABLE and report["removed_pairs"] == UNRELIABLE
+    assert report["neighbour_graph"] == "top_and_ring"
+    assert not report["neighbour_mask"][1][2] and not report["neighbour_mask"][2][1]
     assert report["cache"].endswith(f"homographies_{CATEGORY}_64.json")
     assert all(report["pairs"][p]["status"] == "unreliable" for p in UNRELIABLE)
 

@@ -33,10 +33,10 @@ class MetricsFileCallback(L.Callback):
 
     The numbers are the module's ``test_results`` (already reduced over DDP ranks by the
     metric); rank 0 writes. ``metrics_path`` holds the written JSON path afterwards.
-    ``homographies.json`` is the datamodule's ``homography_report()``: the cache used and its
-    ``unreliable_pairs`` (identity fallback, DESIGN.md, Homographies), so that a number in
-    ``metrics.json`` can be traced to the geometry behind it. It is written at the start, so a
-    run that stops early still has it.
+    ``homographies.json`` is the datamodule's ``homography_report()``: the cache used, its
+    ``unreliable_pairs`` and the ``removed_pairs`` they take out of the neighbour graph, so that
+    a number in ``metrics.json`` can be traced to the geometry behind it. It is written at the
+    start, so a run that stops early still has it.
     """
 
     def __init__(self) -> None:

@@ -16,9 +16,13 @@ and checks the test split: ``vsad-fit`` tests right after training, and a bad te
 then would cost the whole run. Every process checks its own files (a header check of Real-IAD's
 150,000 images reads a few hundred bytes each); ``check_files="none"`` skips it.
 
-Unreliable homography pairs of the cache (too few inliers, DESIGN.md, Homographies) do not stop
-a run: they fall back to the identity (``HomographyCache.matrices``), ``setup`` warns about the
-ones between neighbouring views, and ``homography_report()`` describes them for the run folder.
+Unreliable homography pairs of the cache (too few inliers or inconsistent directions,
+``geometry.estimation``) do not stop a run: they leave the neighbour graph. The batches'
+``neighbour_mask`` (``neighbour_graph_mask()``) is the graph's mask minus every unreliable
+pair, in both directions, so MVAM's candidates, the consistency loss L_r and any cross-view
+scoring never look across a pair whose geometry is unknown (no correspondence is invented).
+``setup`` warns about the removed pairs, and ``homography_report()`` lists them for the run
+folder. This is the one place that computes the mask.
 
 Every sample is resized to ``image_size`` and normalised to [-1, 1]; masks stay exactly 0/1;
 homographies come from the category's cache rescaled to ``image_size`` (DESIGN.md, Notation).
@@ -40,6 +44,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vsad_lightning.data.batch import collate_multiview
@@ -296,8 +301,8 @@ class MultiViewDataModule(L.LightningDataModule):
     # ------------------------------------------------------------- homography reliability
 
     def unreliable_neighbour_pairs(self) -> list[str]:
-        """The cache's unreliable pairs that this run uses: both views selected and
-        neighbours in ``neighbour_graph`` (the pairs MVAM and FRM look across)."""
+        """The cache's unreliable pairs between views that are neighbours in
+        ``neighbour_graph`` (both views selected), as the cache marks them."""
         if self.homographies is None or self.view_names is None:
             return []
         mask = neighbour_mask(self.neighbour_graph, len(self.view_names))
@@ -309,9 +314,44 @@ class MultiViewDataModule(L.LightningDataModule):
             if i != j and bool(mask[i, j]) and HomographyCache.pair_key(src, dst) in bad
         ]
 
+    def neighbour_graph_mask(self) -> Tensor:
+        """``(V, V)`` bool: ``neighbour_graph``'s mask minus every unreliable pair of the cache,
+        in both directions (an unreliable ``v->u`` removes ``u->v`` too: the two are one
+        geometric relation). Every batch carries it; MVAM, L_r and cross-view scoring read it
+        from there. Needs ``setup``."""
+        if self.homographies is None or self.view_names is None:
+            raise RuntimeError("call setup() before asking for the neighbour graph")
+        views = self.view_names
+        mask = neighbour_mask(self.neighbour_graph, len(views))
+        bad = set(self.homographies.unreliable_pairs())
+        for i, src in enumerate(views):
+            for j, dst in enumerate(views):
+                key, reverse = (
+                    HomographyCache.pair_key(src, dst),
+                    HomographyCache.pair_key(dst, src),
+                )
+                if i != j and (key in bad or reverse in bad):
+                    mask[i, j] = False
+        return mask
+
+    def removed_neighbour_pairs(self) -> list[str]:
+        """The ordered neighbour pairs that ``neighbour_graph_mask`` removes (both directions
+        of every unreliable neighbour pair)."""
+        if self.homographies is None or self.view_names is None:
+            return []
+        graph = neighbour_mask(self.neighbour_graph, len(self.view_names))
+        removed = graph & ~self.neighbour_graph_mask()
+        return [
+            HomographyCache.pair_key(src, dst)
+            for i, src in enumerate(self.view_names)
+            for j, dst in enumerate(self.view_names)
+            if bool(removed[i, j])
+        ]
+
     def homography_report(self) -> dict | None:
         """What the run folder's ``homographies.json`` holds: the cache file, the views and
-        graph used, the unreliable pairs among them (identity fallback) and every pair's
+        graph used, the unreliable neighbour pairs, the pairs removed from the graph because of
+        them (``removed_pairs``, both directions), the mask the batches carry and every pair's
         evidence. ``None`` before ``setup``."""
         if self.homographies is None or self.view_names is None:
             return None
@@ -323,20 +363,22 @@ class MultiViewDataModule(L.LightningDataModule):
             "cache_views": cache["views"],
             "views": list(self.view_names),
             "neighbour_graph": self.neighbour_graph,
-            "fallback": "identity",
             "unreliable_pairs": self.unreliable_neighbour_pairs(),
+            "removed_pairs": self.removed_neighbour_pairs(),
+            "neighbour_mask": self.neighbour_graph_mask().tolist(),
             "pairs": cache["pairs"],
         }
 
     def _warn_unreliable_pairs(self) -> None:
-        pairs = self.unreliable_neighbour_pairs()
-        if pairs and not self._warned_unreliable:
+        removed = self.removed_neighbour_pairs()
+        if removed and not self._warned_unreliable:
             self._warned_unreliable = True
             rank_zero_warn(
-                f"homography cache {self.cache_path}: {len(pairs)} unreliable neighbour pairs "
-                f"fall back to the identity: {', '.join(pairs)} (too few inliers or "
-                "inconsistent; rebuild with more `vsad-homography --samples` if the views "
-                "overlap); the run folder's homographies.json lists them",
+                f"homography cache {self.cache_path}: {len(removed)} neighbour pairs removed "
+                f"from the neighbour graph as unreliable: {', '.join(removed)} (too few inliers "
+                "or inconsistent directions; MVAM, L_r and cross-view scoring do not look across "
+                "them; rebuild with more `vsad-homography --samples` if the views overlap); the "
+                "run folder's homographies.json lists them",
                 category=UserWarning,
             )
 
@@ -370,8 +412,7 @@ class MultiViewDataModule(L.LightningDataModule):
     # --------------------------------------------------------------------------- loaders
 
     def _collate(self):
-        mask = neighbour_mask(self.neighbour_graph, len(self.view_names))
-        return functools.partial(collate_multiview, neighbour_mask=mask)
+        return functools.partial(collate_multiview, neighbour_mask=self.neighbour_graph_mask())
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # Only the evaluation loaders come here (shuffle=False); see train_dataloader.

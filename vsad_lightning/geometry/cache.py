@@ -75,8 +75,9 @@ class HomographyCache:
     def matrices(self, views: list[str] | None = None) -> Tensor:
         """``(V, V, 3, 3)`` float32 for ``views`` (default: all), identity on the diagonal.
 
-        Unreliable pairs contribute the identity (DESIGN.md: the fallback), whatever H the file
-        holds for them.
+        Unreliable pairs contribute the identity, whatever H the file holds for them: a
+        placeholder only, since a run removes them from the neighbour graph
+        (``MultiViewDataModule.neighbour_graph_mask``) and nothing looks across them.
         """
         views = list(self.views) if views is None else list(views)
         missing = [v for v in views if v not in self.views]

@@ -19,7 +19,8 @@ object seen by both cameras):
 4. Evidence: inliers (pooled matches whose reprojection error under the fit is below
    ``ransac_threshold_px``), inlier ratio, median reprojection error over the inliers. Below
    ``min_inliers``, or when the fit fails or is degenerate, the pair is ``unreliable`` and
-   stores the identity (the fallback of :meth:`HomographyCache.matrices`).
+   stores the identity; a run removes it from the neighbour graph
+   (``MultiViewDataModule.neighbour_graph_mask``), so the stored matrix is never used.
 
 OpenCV's keypoints put pixel centres on integers; the stored ``H`` is converted to the
 project's pixel-centre convention (centre of pixel ``i`` at ``i + 0.5``) with
@@ -630,7 +631,8 @@ def _as_unreliable(estimate: PairEstimate) -> PairEstimate:
 def format_report(cache: HomographyCache) -> str:
     """A per-pair table (inliers, inlier ratio, reprojection error, status) and a summary line.
 
-    Printed by ``vsad-homography``. Unreliable pairs fall back to the identity.
+    Printed by ``vsad-homography``. Unreliable pairs leave the neighbour graph of every run
+    (``MultiViewDataModule.neighbour_graph_mask``).
     """
     header = f"{'pair':<14} {'inliers':>8} {'ratio':>7} {'error px':>9}  status"
     lines = [
@@ -647,6 +649,6 @@ def format_report(cache: HomographyCache) -> str:
     unreliable = cache.unreliable_pairs()
     summary = f"unreliable pairs: {len(unreliable)} of {len(cache.pairs)}"
     if unreliable:
-        summary += " (identity used): " + ", ".join(unreliable)
+        summary += " (removed from the neighbour graph): " + ", ".join(unreliable)
     lines.append(summary)
     return "\n".join(lines)
