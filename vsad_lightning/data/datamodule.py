@@ -25,9 +25,15 @@ scoring never look across a pair whose geometry is unknown (no correspondence is
 folder. This is the one place that computes the mask.
 
 Every sample is resized to ``image_size`` and normalised to [-1, 1]; masks stay exactly 0/1;
-homographies come from the category's cache rescaled to ``image_size`` (DESIGN.md, Notation).
-``prepare_data`` (one process per node under DDP) builds the cache when it is missing with
-``ensure_homography_cache``; ``setup`` (every process) only loads it.
+homographies are rescaled to ``image_size`` (pixel-centre scaling, ``geometry.projection``).
+They come from the category's cache, and with ``per_sample_homographies`` (the default) each
+sample's neighbour pairs come from its own images instead: ``estimate_sample_homographies``
+(``geometry.per_sample``) with the category cache as prior, at the stored image resolution,
+for the pairs of the reduced neighbour graph only. ``prepare_data`` (one process per node
+under DDP) builds what is missing: the category cache (``ensure_homography_cache``) and one
+per-sample file per split next to it (``data.sample_homographies``); ``setup`` (every process)
+only loads them. A ``setup`` called without a Trainer (a user's script, one process) estimates
+what is missing itself.
 
 The training loader's order is a pure function of ``(seed, epoch, rank)``
 (``ResumableShuffleSampler``), so training is reproducible and a resumed run sees exactly the
@@ -53,6 +59,11 @@ from vsad_lightning.data.folder import MultiViewFolderDataset
 from vsad_lightning.data.homographies import default_cache_for, ensure_homography_cache
 from vsad_lightning.data.manta import MantaDataset
 from vsad_lightning.data.realiad import RealIADDataset
+from vsad_lightning.data.sample_homographies import (
+    SampleHomographyFile,
+    ensure_sample_homographies,
+    sample_cache_path,
+)
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS, neighbour_mask
@@ -128,6 +139,12 @@ class MultiViewDataModule(L.LightningDataModule):
             ``"header"`` (sizes, truncation, unreadable files; the default), ``"decode"``
             (every pixel, as training will: slower, also catches files whose header is fine
             but whose data is not) or ``"none"``.
+        per_sample_homographies: ``True``: each sample's homographies are estimated from its
+            own images with the category cache as prior (parts are placed by hand, so every
+            sample's geometry differs from the category's by a few pixels), once per sample
+            and split, cached in ``<root>/vsad_cache/homographies_<category>_<res>_samples_
+            <split>.json``; pairs not estimated keep the category's. ``False``: the category's
+            homographies for every sample (the behaviour before per-sample estimation).
     """
 
     def __init__(
@@ -148,6 +165,7 @@ class MultiViewDataModule(L.LightningDataModule):
         seed: int = 0,
         predict_root: str | None = None,
         check_files: Literal["header", "decode", "none"] = "header",
+        per_sample_homographies: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in ("realiad", "manta", "folder"):
@@ -181,7 +199,10 @@ class MultiViewDataModule(L.LightningDataModule):
         self.seed = seed
         self.predict_root = predict_root
         self.check_files = check_files
+        self.per_sample_homographies = per_sample_homographies
         self._warned_unreliable = False
+        self._estimating = False  # True while prepare_data sets up: it may write caches
+        self.sample_homographies: dict[str, SampleHomographyFile] = {}  # split -> its file
 
         self.homographies: HomographyCache | None = None
         self.view_names: list[str] | None = None
@@ -243,7 +264,44 @@ class MultiViewDataModule(L.LightningDataModule):
         )  # all views: any subset (data.views) can use the same cache later
         trainer = self.trainer
         if trainer is not None and trainer.state.fn is not None:
-            self.setup(str(trainer.state.fn.value))
+            self._estimating = True  # the per-sample homographies are estimated here
+            try:
+                self.setup(str(trainer.state.fn.value))
+            finally:
+                self._estimating = False
+
+    def sample_cache_path(self, split: str) -> Path:
+        """The per-sample homography file of ``split`` (``train``, ``test`` or ``predict``),
+        next to the category cache."""
+        return sample_cache_path(self.cache_path, split)
+
+    def _attach_sample_homographies(self, split: str, dataset: MultiViewDataset) -> None:
+        """Give ``dataset`` its samples' own homographies (``per_sample_homographies``).
+
+        Only the ordered pairs of the reduced neighbour graph are estimated: the others are
+        never looked across. Writes the split's file only in ``prepare_data``, or without a
+        Trainer; under a Trainer, ``setup`` (every DDP process) only reads it.
+        """
+        if not self.per_sample_homographies or split in self.sample_homographies:
+            return
+        mask = self.neighbour_graph_mask()
+        views = self.view_names
+        pairs = [(views[i], views[j]) for i, j in mask.nonzero().tolist()]
+        if not pairs:
+            return
+        found = ensure_sample_homographies(
+            dataset.records,
+            self.homographies,
+            pairs,
+            self.sample_cache_path(split),
+            split=split,
+            write=self._estimating or self.trainer is None,
+        )
+        self.sample_homographies[split] = found
+        ids = {r.sample_id for r in dataset.records}
+        dataset.set_sample_homographies(
+            found.image_size, {s: found.matrices(s) for s in found.samples if s in ids}
+        )
 
     def _load_homographies(self) -> HomographyCache:
         if self.homographies is None:
@@ -296,7 +354,14 @@ class MultiViewDataModule(L.LightningDataModule):
             self.predict_set = self._make_dataset(None, self.predict_root)
             self._check_views(self.predict_set, "predict")
             self.predict_set.check_files(self.check_files, "predict")
+        # Only once every split's files passed: bad input writes nothing into the dataset.
+        for split, dataset in self._splits().items():
+            self._attach_sample_homographies(split, dataset)
         self._warn_unreliable_pairs()
+
+    def _splits(self) -> dict[str, MultiViewDataset]:
+        splits = {"train": self.train_normals, "test": self.test_set, "predict": self.predict_set}
+        return {name: dataset for name, dataset in splits.items() if dataset is not None}
 
     # ------------------------------------------------------------- homography reliability
 
@@ -367,6 +432,10 @@ class MultiViewDataModule(L.LightningDataModule):
             "removed_pairs": self.removed_neighbour_pairs(),
             "neighbour_mask": self.neighbour_graph_mask().tolist(),
             "pairs": cache["pairs"],
+            "per_sample": {
+                split: {"file": str(self.sample_cache_path(split)), "status": f.status_counts()}
+                for split, f in self.sample_homographies.items()
+            },
         }
 
     def _warn_unreliable_pairs(self) -> None:
@@ -472,4 +541,5 @@ class MultiViewDataModule(L.LightningDataModule):
         """Every training normal in index order, unshuffled (the memory bank's input)."""
         if self.train_normals is None:
             self._setup_train()
+            self._attach_sample_homographies("train", self.train_normals)
         return self._loader(self.train_normals, self.eval_batch_size, shuffle=False)
