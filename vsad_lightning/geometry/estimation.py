@@ -38,7 +38,7 @@ count of 30) failed, for three measured reasons (tests/test_homography_estimatio
 such a facade at 256 px):
 
 - the ratio test discards most correct matches (the second-nearest descriptor is the
-  neighbouring window): with K = 3-4 samples the true fit had 9-39 inliers per direction,
+  neighbouring window): with K = 3-4 samples the true fit had 16-39 inliers per direction,
   only ~10 % of the pooled matches;
 - at that inlier ratio, MAGSAC++'s 10,000 iterations sometimes missed the truth
   (``_MAGSAC_MAX_ITERATIONS``);
@@ -234,8 +234,9 @@ def _match(
     source keypoints match one target keypoint. On a repetitive texture (a facade at 256 px)
     that was about half of the matches, and those many-to-one matches support degenerate fits
     that collapse several windows onto one point: MAGSAC++ on all matches returned such a fit
-    (7-18 inliers, determinant ~0) where the truth had 22-31, in 2 of 4 facade pairs; on the
-    mutual matches it found the truth in every ordering of the matches.
+    (7-18 inliers, determinant ~0) where the truth had 22-31; on the mutual matches it found
+    the truth in every ordering of the matches. Over 16 facade pairs (K = 3-8) the previous
+    estimator's fit was 105-145 px from the truth in 9.
     """
     empty = np.zeros((0, 2), dtype=np.float32)
     if len(src) == 0 or len(dst) < 2:
