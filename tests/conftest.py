@@ -10,7 +10,9 @@ once per test session:
 - ``synthetic_root_cached``: a separate copy of the same data whose
   ``vsad_cache/homographies_brick_64.json`` holds the TRUE homographies, so a
   ``MultiViewDataModule(root, "brick", resolution=64, ...)`` works without estimating
-  anything. Read-only as well.
+  the category cache. Read-only as well, except that a datamodule's ``setup`` adds its
+  per-sample homography files next to that cache (``data.sample_homographies``: derived,
+  reused by later setups; a test that needs them absent deletes them in its own copy).
 - ``synthetic_spec``: the parameters of that data (category, image_size, samples_train,
   samples_test, anomalous_test, seed, views), so tests assert counts without repeating numbers.
 - ``copy_dataset``: a function ``copy_dataset(src, dst) -> dst`` for tests that modify data.

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from vsad_lightning.cli._common import one_line
 from vsad_lightning.data.datamodule import MultiViewDataModule
@@ -388,20 +387,25 @@ def test_only_unreliable_pairs_between_neighbours_are_reported(
     assert dm.unreliable_neighbour_pairs() == ["C1->C5"]
     report = dm.homography_report()
     assert report["unreliable_pairs"] == ["C1->C5"] and report["views"] == synthetic_spec.views
+    # One unreliable direction takes the pair out of the graph in both directions.
+    assert report["removed_pairs"] == ["C1->C5", "C5->C1"]
     assert report["pairs"]["C2->C4"]["status"] == "unreliable"  # the evidence stays complete
-    warned = [str(w.message) for w in recwarn if "unreliable neighbour pairs" in str(w.message)]
-    assert len(warned) == 1 and "1 unreliable neighbour pairs" in warned[0]
-    # Identity fallback: the batch carries no geometry for that pair.
+    removed = "removed from the neighbour graph as unreliable"
+    warned = [str(w.message) for w in recwarn if removed in str(w.message)]
+    assert len(warned) == 1 and f"2 neighbour pairs {removed}: C1->C5, C5->C1" in warned[0]
+    # The batch's graph has no edge there, so nothing looks across the pair.
     batch = next(iter(dm.train_dataloader()))
-    assert torch.equal(batch.homographies[0, 0, 4], torch.eye(3))
-    assert not torch.equal(batch.homographies[0, 0, 1], torch.eye(3))
+    assert not batch.neighbour_mask[0, 4] and not batch.neighbour_mask[4, 0]
+    assert batch.neighbour_mask[0, 1] and batch.neighbour_mask[4, 3]
+    assert report["neighbour_mask"] == batch.neighbour_mask.tolist()
     dm.setup("test")  # set up again: no second warning
-    assert len([w for w in recwarn if "unreliable neighbour pairs" in str(w.message)]) == 1
+    assert len([w for w in recwarn if removed in str(w.message)]) == 1
     # Four views: C5 is gone, and the ring of side views C2, C3, C4 closes: C2, C4 neighbour.
     subset = MultiViewDataModule(
         str(root), CATEGORY, resolution=64, image_size=32, views=["C1", "C2", "C3", "C4"]
     )
     subset.setup("test")
     assert subset.unreliable_neighbour_pairs() == ["C2->C4", "C4->C2"]
+    assert subset.removed_neighbour_pairs() == ["C2->C4", "C4->C2"]
     assert subset.homography_report()["views"] == ["C1", "C2", "C3", "C4"]
     assert subset.homography_report()["cache_views"] == synthetic_spec.views

@@ -127,17 +127,31 @@ def test_no_command_changes_or_adds_dataset_files_outside_the_cache(pipeline):
     assert set(hashes["homography"]) - set(start) == {
         f"{CACHE_DIR_NAME}/homographies_{CATEGORY}_64.json"
     }
-    # fit, test and predict only read the cache (it exists, so nothing is re-estimated).
+    # fit, test and predict only read the category cache (it exists: nothing re-estimated).
+    category_cache = f"{CACHE_DIR_NAME}/homographies_{CATEGORY}_64.json"
     for step in ("fit", "test", "predict"):
-        assert hashes[step] == hashes["cache_edited"], step
+        assert hashes[step][category_cache] == hashes["cache_edited"][category_cache], step
+    # Per-sample homographies: fit writes its splits' files next to it, test reuses them,
+    # predict adds its own.
+    samples = f"{CACHE_DIR_NAME}/homographies_{CATEGORY}_64_samples_"
+    assert set(hashes["fit"]) - set(hashes["cache_edited"]) == {
+        f"{samples}train.json",
+        f"{samples}test.json",
+    }
+    assert hashes["test"] == hashes["fit"]
+    assert set(hashes["predict"]) - set(hashes["test"]) == {f"{samples}predict.json"}
+    assert all(hashes["predict"][k] == v for k, v in hashes["test"].items())
 
 
 def test_unreliable_pairs_are_warned_about_and_listed_in_the_run(pipeline):
     stderr = pipeline["fit"].stderr
-    assert "2 unreliable neighbour pairs fall back to the identity: C2->C3, C3->C2" in stderr
+    assert (
+        "2 neighbour pairs removed from the neighbour graph as unreliable: C2->C3, C3->C2" in stderr
+    )
     report = json.loads((pipeline["run_dir"] / HOMOGRAPHY_REPORT).read_text())
-    assert report["unreliable_pairs"] == UNRELIABLE
-    assert report["fallback"] == "identity" and report["neighbour_graph"] == "top_and_ring"
+    assert report["unreliable_pairs"] == UNRELIABLE and report["removed_pairs"] == UNRELIABLE
+    assert report["neighbour_graph"] == "top_and_ring"
+    assert not report["neighbour_mask"][1][2] and not report["neighbour_mask"][2][1]
     assert report["cache"].endswith(f"homographies_{CATEGORY}_64.json")
     assert all(report["pairs"][p]["status"] == "unreliable" for p in UNRELIABLE)
 

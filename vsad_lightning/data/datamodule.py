@@ -50,6 +50,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vsad_lightning.data.batch import collate_multiview
@@ -58,6 +59,11 @@ from vsad_lightning.data.folder import MultiViewFolderDataset
 from vsad_lightning.data.homographies import default_cache_for, ensure_homography_cache
 from vsad_lightning.data.manta import MantaDataset
 from vsad_lightning.data.realiad import RealIADDataset
+from vsad_lightning.data.sample_homographies import (
+    SampleHomographyFile,
+    ensure_sample_homographies,
+    sample_cache_path,
+)
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS, neighbour_mask
@@ -133,6 +139,12 @@ class MultiViewDataModule(L.LightningDataModule):
             ``"header"`` (sizes, truncation, unreadable files; the default), ``"decode"``
             (every pixel, as training will: slower, also catches files whose header is fine
             but whose data is not) or ``"none"``.
+        per_sample_homographies: ``True``: each sample's homographies are estimated from its
+            own images with the category cache as prior (parts are placed by hand, so every
+            sample's geometry differs from the category's by a few pixels), once per sample
+            and split, cached in ``<root>/vsad_cache/homographies_<category>_<res>_samples_
+            <split>.json``; pairs not estimated keep the category's. ``False``: the category's
+            homographies for every sample (the behaviour before per-sample estimation).
     """
 
     def __init__(
@@ -153,6 +165,7 @@ class MultiViewDataModule(L.LightningDataModule):
         seed: int = 0,
         predict_root: str | None = None,
         check_files: Literal["header", "decode", "none"] = "header",
+        per_sample_homographies: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in ("realiad", "manta", "folder"):
@@ -186,7 +199,10 @@ class MultiViewDataModule(L.LightningDataModule):
         self.seed = seed
         self.predict_root = predict_root
         self.check_files = check_files
+        self.per_sample_homographies = per_sample_homographies
         self._warned_unreliable = False
+        self._estimating = False  # True while prepare_data sets up: it may write caches
+        self.sample_homographies: dict[str, SampleHomographyFile] = {}  # split -> its file
 
         self.homographies: HomographyCache | None = None
         self.view_names: list[str] | None = None
@@ -248,7 +264,44 @@ class MultiViewDataModule(L.LightningDataModule):
         )  # all views: any subset (data.views) can use the same cache later
         trainer = self.trainer
         if trainer is not None and trainer.state.fn is not None:
-            self.setup(str(trainer.state.fn.value))
+            self._estimating = True  # the per-sample homographies are estimated here
+            try:
+                self.setup(str(trainer.state.fn.value))
+            finally:
+                self._estimating = False
+
+    def sample_cache_path(self, split: str) -> Path:
+        """The per-sample homography file of ``split`` (``train``, ``test`` or ``predict``),
+        next to the category cache."""
+        return sample_cache_path(self.cache_path, split)
+
+    def _attach_sample_homographies(self, split: str, dataset: MultiViewDataset) -> None:
+        """Give ``dataset`` its samples' own homographies (``per_sample_homographies``).
+
+        Only the ordered pairs of the reduced neighbour graph are estimated: the others are
+        never looked across. Writes the split's file only in ``prepare_data``, or without a
+        Trainer; under a Trainer, ``setup`` (every DDP process) only reads it.
+        """
+        if not self.per_sample_homographies or split in self.sample_homographies:
+            return
+        mask = self.neighbour_graph_mask()
+        views = self.view_names
+        pairs = [(views[i], views[j]) for i, j in mask.nonzero().tolist()]
+        if not pairs:
+            return
+        found = ensure_sample_homographies(
+            dataset.records,
+            self.homographies,
+            pairs,
+            self.sample_cache_path(split),
+            split=split,
+            write=self._estimating or self.trainer is None,
+        )
+        self.sample_homographies[split] = found
+        ids = {r.sample_id for r in dataset.records}
+        dataset.set_sample_homographies(
+            found.image_size, {s: found.matrices(s) for s in found.samples if s in ids}
+        )
 
     def _load_homographies(self) -> HomographyCache:
         if self.homographies is None:
@@ -301,13 +354,20 @@ class MultiViewDataModule(L.LightningDataModule):
             self.predict_set = self._make_dataset(None, self.predict_root)
             self._check_views(self.predict_set, "predict")
             self.predict_set.check_files(self.check_files, "predict")
+        # Only once every split's files passed: bad input writes nothing into the dataset.
+        for split, dataset in self._splits().items():
+            self._attach_sample_homographies(split, dataset)
         self._warn_unreliable_pairs()
+
+    def _splits(self) -> dict[str, MultiViewDataset]:
+        splits = {"train": self.train_normals, "test": self.test_set, "predict": self.predict_set}
+        return {name: dataset for name, dataset in splits.items() if dataset is not None}
 
     # ------------------------------------------------------------- homography reliability
 
     def unreliable_neighbour_pairs(self) -> list[str]:
-        """The cache's unreliable pairs that this run uses: both views selected and
-        neighbours in ``neighbour_graph`` (the pairs MVAM and FRM look across)."""
+        """The cache's unreliable pairs between views that are neighbours in
+        ``neighbour_graph`` (both views selected), as the cache marks them."""
         if self.homographies is None or self.view_names is None:
             return []
         mask = neighbour_mask(self.neighbour_graph, len(self.view_names))
@@ -319,9 +379,44 @@ class MultiViewDataModule(L.LightningDataModule):
             if i != j and bool(mask[i, j]) and HomographyCache.pair_key(src, dst) in bad
         ]
 
+    def neighbour_graph_mask(self) -> Tensor:
+        """``(V, V)`` bool: ``neighbour_graph``'s mask minus every unreliable pair of the cache,
+        in both directions (an unreliable ``v->u`` removes ``u->v`` too: the two are one
+        geometric relation). Every batch carries it; MVAM, L_r and cross-view scoring read it
+        from there. Needs ``setup``."""
+        if self.homographies is None or self.view_names is None:
+            raise RuntimeError("call setup() before asking for the neighbour graph")
+        views = self.view_names
+        mask = neighbour_mask(self.neighbour_graph, len(views))
+        bad = set(self.homographies.unreliable_pairs())
+        for i, src in enumerate(views):
+            for j, dst in enumerate(views):
+                key, reverse = (
+                    HomographyCache.pair_key(src, dst),
+                    HomographyCache.pair_key(dst, src),
+                )
+                if i != j and (key in bad or reverse in bad):
+                    mask[i, j] = False
+        return mask
+
+    def removed_neighbour_pairs(self) -> list[str]:
+        """The ordered neighbour pairs that ``neighbour_graph_mask`` removes (both directions
+        of every unreliable neighbour pair)."""
+        if self.homographies is None or self.view_names is None:
+            return []
+        graph = neighbour_mask(self.neighbour_graph, len(self.view_names))
+        removed = graph & ~self.neighbour_graph_mask()
+        return [
+            HomographyCache.pair_key(src, dst)
+            for i, src in enumerate(self.view_names)
+            for j, dst in enumerate(self.view_names)
+            if bool(removed[i, j])
+        ]
+
     def homography_report(self) -> dict | None:
         """What the run folder's ``homographies.json`` holds: the cache file, the views and
-        graph used, the unreliable pairs among them (identity fallback) and every pair's
+        graph used, the unreliable neighbour pairs, the pairs removed from the graph because of
+        them (``removed_pairs``, both directions), the mask the batches carry and every pair's
         evidence. ``None`` before ``setup``."""
         if self.homographies is None or self.view_names is None:
             return None
@@ -333,20 +428,26 @@ class MultiViewDataModule(L.LightningDataModule):
             "cache_views": cache["views"],
             "views": list(self.view_names),
             "neighbour_graph": self.neighbour_graph,
-            "fallback": "identity",
             "unreliable_pairs": self.unreliable_neighbour_pairs(),
+            "removed_pairs": self.removed_neighbour_pairs(),
+            "neighbour_mask": self.neighbour_graph_mask().tolist(),
             "pairs": cache["pairs"],
+            "per_sample": {
+                split: {"file": str(self.sample_cache_path(split)), "status": f.status_counts()}
+                for split, f in self.sample_homographies.items()
+            },
         }
 
     def _warn_unreliable_pairs(self) -> None:
-        pairs = self.unreliable_neighbour_pairs()
-        if pairs and not self._warned_unreliable:
+        removed = self.removed_neighbour_pairs()
+        if removed and not self._warned_unreliable:
             self._warned_unreliable = True
             rank_zero_warn(
-                f"homography cache {self.cache_path}: {len(pairs)} unreliable neighbour pairs "
-                f"fall back to the identity: {', '.join(pairs)} (too few inliers or "
-                "inconsistent; rebuild with more `vsad-homography --samples` if the views "
-                "overlap); the run folder's homographies.json lists them",
+                f"homography cache {self.cache_path}: {len(removed)} neighbour pairs removed "
+                f"from the neighbour graph as unreliable: {', '.join(removed)} (too few inliers "
+                "or inconsistent directions; MVAM, L_r and cross-view scoring do not look across "
+                "them; rebuild with more `vsad-homography --samples` if the views overlap); the "
+                "run folder's homographies.json lists them",
                 category=UserWarning,
             )
 
@@ -380,8 +481,7 @@ class MultiViewDataModule(L.LightningDataModule):
     # --------------------------------------------------------------------------- loaders
 
     def _collate(self):
-        mask = neighbour_mask(self.neighbour_graph, len(self.view_names))
-        return functools.partial(collate_multiview, neighbour_mask=mask)
+        return functools.partial(collate_multiview, neighbour_mask=self.neighbour_graph_mask())
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # Only the evaluation loaders come here (shuffle=False); see train_dataloader.
@@ -441,4 +541,5 @@ class MultiViewDataModule(L.LightningDataModule):
         """Every training normal in index order, unshuffled (the memory bank's input)."""
         if self.train_normals is None:
             self._setup_train()
+            self._attach_sample_homographies("train", self.train_normals)
         return self._loader(self.train_normals, self.eval_batch_size, shuffle=False)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from vsad_lightning.data.batch import MultiViewSample
@@ -22,6 +23,7 @@ from vsad_lightning.data.images import probe_image, read_image_rgb, read_mask
 from vsad_lightning.data.transforms import as_size, homographies_for, views_to_tensors
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache, default_cache_path
+from vsad_lightning.geometry.projection import scale_homography
 
 NORMAL_CLASS = "OK"
 """The anomaly class of normal samples (Real-IAD's name; MANTA's ``good`` maps to it)."""
@@ -268,6 +270,41 @@ class MultiViewDataset(Dataset):
                 "vsad-homography"
             )
         self._homography_memo: dict[tuple, object] = {}
+        self._sample_size: tuple[int, int] | None = None
+        self._sample_matrices: dict[str, dict[str, np.ndarray]] = {}
+
+    def set_sample_homographies(
+        self,
+        image_size: tuple[int, int] | None,
+        matrices: Mapping[str, Mapping[str, np.ndarray]] | None,
+    ) -> None:
+        """Use each sample's own homographies where it has them (``MultiViewDataModule``'s
+        ``per_sample_homographies``).
+
+        Args:
+            image_size: ``(W, H)`` the matrices refer to (the stored images' size).
+            matrices: sample id -> pair key ``"C1->C2"`` -> ``(3, 3)`` ``H``. A sample or pair
+                absent here keeps the category's homography; ``None`` clears them all.
+        """
+        self._sample_size = None if matrices is None else tuple(image_size)
+        self._sample_matrices = {
+            sample: {key: np.asarray(H, dtype=np.float64) for key, H in pairs.items()}
+            for sample, pairs in (matrices or {}).items()
+        }
+
+    def _own_homographies(self, sample: str, base: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """``base`` (the category's, at ``out_size``) with the sample's own pairs put in."""
+        out = base.clone()
+        own = self._sample_matrices.get(sample)
+        if not own:
+            return out
+        index = {v: i for i, v in enumerate(self.view_names)}
+        for key, H in own.items():
+            src, dst = key.split("->")
+            if src in index and dst in index and src != dst:
+                scaled = scale_homography(torch.from_numpy(H), self._sample_size, out_size)
+                out[index[src], index[dst]] = scaled.to(out.dtype)
+        return out
 
     def __len__(self) -> int:
         return len(self.records)
@@ -341,7 +378,9 @@ class MultiViewDataset(Dataset):
             masks=mask_tensor,
             view_labels=view_labels,
             sample_label=view_labels.max(),
-            homographies=self._homography_memo[key].clone(),
+            homographies=self._own_homographies(
+                record.sample_id, self._homography_memo[key], out_size
+            ),
             sample_id=record.sample_id,
             category=record.category,
             view_names=list(self.view_names),
