@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import cpu_model  # noqa: E402
 
 from vsad_lightning.data.dataset import read_sample_views  # noqa: E402
-from vsad_lightning.data.homographies import ensure_homography_cache, graph_pairs  # noqa: E402
+from vsad_lightning.data.homographies import ensure_homography_cache  # noqa: E402
 from vsad_lightning.data.realiad import index_realiad  # noqa: E402
 from vsad_lightning.geometry.cache import HomographyCache  # noqa: E402
 from vsad_lightning.geometry.estimation import (  # noqa: E402
@@ -68,6 +68,7 @@ from vsad_lightning.geometry.per_sample import (  # noqa: E402
     SAMPLE_STATUSES,
     SampleHomographyFile,
     estimate_sample_homographies,
+    graph_pairs,
     prior_pairs,
 )
 

@@ -32,7 +32,15 @@ def truth(root: Path) -> HomographyCache:
 
 def make(root: Path, **kwargs) -> MultiViewDataModule:
     native = truth(root).image_size[0]  # the synthetic data is square, in realiad_<N>
-    options = dict(resolution=native, image_size=40, batch_size=3, eval_batch_size=4)
+    # The category's homographies: these tests check them rescaled from the truth exactly;
+    # each sample's own estimates are tests/test_sample_homographies.py's.
+    options = dict(
+        resolution=native,
+        image_size=40,
+        batch_size=3,
+        eval_batch_size=4,
+        per_sample_homographies=False,
+    )
     options.update(kwargs)
     return MultiViewDataModule(str(root), category_of(root), **options)
 
@@ -225,7 +233,8 @@ def test_lightning_trainer_drives_the_datamodule(synthetic_root_cached):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = make(synthetic_root_cached, val_fraction=0.25)
+    # The default per-sample homographies: prepare_data estimates, setup reads.
+    dm = make(synthetic_root_cached, val_fraction=0.25, per_sample_homographies=True)
     model = Probe()
     trainer = L.Trainer(
         max_epochs=1,

@@ -33,6 +33,7 @@ from vsad_lightning.geometry.per_sample import (
     SampleHomographies,
     SampleHomographyFile,
     estimate_sample_homographies,
+    graph_pairs,
 )
 from vsad_lightning.geometry.projection import from_opencv_convention
 
@@ -121,6 +122,30 @@ def sample():
         },
     )
     return images, prior, H_true
+
+
+def test_graph_pairs_drop_unreliable_pairs_both_ways_unless_bridged():
+    views = ["C1", "C2", "C3", "C4", "C5"]
+    ok = PairEstimate(np.eye(3).tolist(), 100, 1.0, 0.5)
+    bad = PairEstimate(np.eye(3).tolist(), 3, 0.1, 2.0, status="unreliable")
+    pairs = {f"{s}->{d}": ok for s in views for d in views if s != d}
+    pairs["C2->C3"] = bad  # one bad direction: the pair is unreliable both ways
+    prior = HomographyCache(category="x", image_size=(64, 64), views=views, pairs=pairs)
+    ring = {("C2", "C3"), ("C3", "C4"), ("C4", "C5"), ("C5", "C2")}
+    top = {("C1", v) for v in views[1:]}
+    everything = {p for s, d in ring | top for p in ((s, d), (d, s))}
+    assert len(everything) == 16
+
+    reduced = graph_pairs(prior, views, "top_and_ring", bridged=False)
+    assert set(reduced) == everything - {("C2", "C3"), ("C3", "C2")}
+    assert reduced == sorted(reduced, key=lambda p: (views.index(p[0]), views.index(p[1])))
+    assert set(graph_pairs(prior, views, "top_and_ring", bridged=True)) == everything  # via C1
+
+    for view in views:  # every pair of C3 unreliable: no view bridges to it
+        if view != "C3":
+            pairs[f"C3->{view}"] = pairs[f"{view}->C3"] = bad
+    bridged = graph_pairs(prior, views, "top_and_ring", bridged=True)
+    assert set(bridged) == {p for p in everything if "C3" not in p}
 
 
 def test_pair_unreliable_in_the_cache_is_bridged_through_a_third_view(sample):

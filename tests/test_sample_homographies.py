@@ -14,12 +14,14 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from vsad_lightning.cli.homography import main as homography_main
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.data.dataset import cache_path_for
-from vsad_lightning.data.sample_homographies import SampleHomographyFile, sample_cache_path
+from vsad_lightning.data.sample_homographies import sample_cache_path
 from vsad_lightning.data.synthetic import TRUTH_DIR
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
+from vsad_lightning.geometry.per_sample import SampleHomographyFile
 from vsad_lightning.geometry.projection import neighbour_mask, scale_homography
 
 CATEGORY = "brick"
@@ -112,7 +114,7 @@ def test_estimated_once_for_the_reduced_graph_and_reused(root, synthetic_spec, c
     assert f"{ESTIMATING}test): " in out
     cache = SampleHomographyFile.load(train_path(root))
     assert cache.image_size == (NATIVE, NATIVE) and len(cache.samples) == total
-    assert all(len(pairs) == 16 for pairs in cache.samples.values())  # top_and_ring, 5 views
+    assert all(len(sample.H) == 16 for sample in cache.samples.values())  # top_and_ring, 5 views
     stamp = train_path(root).stat().st_mtime_ns
 
     make(root).setup("fit")  # a second setup reuses both files
@@ -127,7 +129,7 @@ def test_estimated_once_for_the_reduced_graph_and_reused(root, synthetic_spec, c
     make(root).setup("fit")
     assert f"{ESTIMATING}train): {total}/{total}" in capsys.readouterr().out
     cache = SampleHomographyFile.load(train_path(root))
-    assert all(len(p) == 14 and "C3->C2" not in p for p in cache.samples.values())
+    assert all(len(s.H) == 14 and "C3->C2" not in s.H for s in cache.samples.values())
 
 
 def test_under_a_trainer_only_prepare_data_writes(root):
@@ -171,3 +173,21 @@ def test_a_bad_per_sample_file_is_one_clear_error(tmp_path, document, message):
     with pytest.raises(DataError, match=message) as info:
         SampleHomographyFile.load(path)
     assert str(path) in str(info.value)
+
+
+def test_the_cli_writes_the_file_the_datamodule_reuses(root, synthetic_spec, capsys):
+    """``vsad-homography --per-sample`` without ``--out`` writes the split's default file with
+    the fingerprints, and a later setup reads it instead of estimating again."""
+    args = ["--root", str(root), "--category", CATEGORY, "--resolution", str(NATIVE)]
+    assert homography_main([*args, "--per-sample", "--split", "train"]) == 0
+    assert f"wrote {train_path(root)}" in capsys.readouterr().out
+    written = SampleHomographyFile.load(train_path(root))
+    assert written.prior is not None and len(written.sources) == synthetic_spec.samples_train
+    stamp = train_path(root).stat().st_mtime_ns
+
+    dm = make(root)
+    dm.setup("fit")
+    out = capsys.readouterr().out
+    assert ESTIMATING + "train)" not in out and ESTIMATING + "test)" in out
+    assert train_path(root).stat().st_mtime_ns == stamp
+    assert dm.homography_report()["per_sample"]["train"]["file"] == str(train_path(root))

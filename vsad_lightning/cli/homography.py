@@ -10,28 +10,33 @@ otherwise. The file is (re)built every time this command runs.
 
 ``--per-sample`` estimates every sample of ``--split`` on its own instead (parts are placed by
 hand, so each sample's homographies differ from the category's by a few pixels), with the
-category cache as prior (loaded, or built first when missing) over the reliable neighbour
-pairs of ``--graph``, and writes ``{"image_size": [W, H], "samples": {"<sample id>":
-{"C1->C2": {"H": [[...]], "status": "refined" | "matched" | "prior"}, ...}}}`` to ``--out``
-(default ``<root>/vsad_cache/homographies_<category>_<resolution>_<split>_samples.json``;
-``geometry.per_sample``).
+category cache as prior (loaded, or built first when missing) over the neighbour pairs of
+``--graph`` (reliable ones, and unreliable ones a bridge view can compose), and writes
+``{"image_size": [W, H], "samples": {"<sample id>": {"C1->C2": {"H": [[...]], "status":
+"refined" | ...}, ...}}}`` (plus the ``prior`` and ``sources`` fingerprints) to ``--out``,
+default ``<root>/vsad_cache/homographies_<category>_<resolution>_samples_<split>.json``: the
+file the DataModule reads, so a later ``vsad-fit`` reuses it (``data.sample_homographies``,
+``geometry.per_sample``). Every sample is re-estimated each time this command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from vsad_lightning.cli._common import report_data_errors
 from vsad_lightning.data.homographies import (
     DATASET_KINDS,
-    build_sample_homographies,
     default_cache_for,
-    default_sample_file_for,
     ensure_homography_cache,
+    index_split,
 )
+from vsad_lightning.data.sample_homographies import ensure_sample_homographies, sample_cache_path
+from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.estimation import format_report
-from vsad_lightning.geometry.per_sample import SAMPLE_STATUSES
+from vsad_lightning.geometry.per_sample import SAMPLE_STATUSES, graph_pairs
 from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS
 
 
@@ -66,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     views = [v.strip() for v in args.views.split(",") if v.strip()] if args.views else None
-    if args.per_sample:
-        return _per_sample(args, views)
-    path = args.out or default_cache_for(args.dataset, args.root, args.category, args.resolution)
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     start = time.perf_counter()
+    category_cache = default_cache_for(args.dataset, args.root, args.category, args.resolution)
+    # The category cache is rebuilt, or with --per-sample loaded as the prior (built if missing).
+    path = category_cache if args.per_sample else (args.out or category_cache)
     cache = ensure_homography_cache(
         args.root,
         args.category,
@@ -79,50 +85,43 @@ def main(argv: list[str] | None = None) -> int:
         path=path,
         views=views,
         num_views=args.num_views,
-        rebuild=True,
-        progress=None if args.quiet else (lambda line: print(line, flush=True)),
+        rebuild=not args.per_sample,
+        progress=say,
     )
+    if args.per_sample:
+        default = sample_cache_path(category_cache, args.split)
+        return _per_sample(args, views, cache, args.out or default, say, start)
     print(format_report(cache))
     print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
-def _per_sample(args: argparse.Namespace, views: list[str] | None) -> int:
-    """``--per-sample``: the prior (built when missing), then every sample of the split."""
-    say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
-    start = time.perf_counter()
-    prior = ensure_homography_cache(
-        args.root,
-        args.category,
-        args.resolution,
-        args.samples,
-        dataset=args.dataset,
-        views=views,
-        num_views=args.num_views,
-        progress=say,
-    )
-    path = args.out or default_sample_file_for(
-        args.dataset, args.root, args.category, args.resolution, args.split
+def _per_sample(
+    args: argparse.Namespace,
+    views: list[str] | None,
+    prior: HomographyCache,
+    path: Path,
+    say: Callable[[str], None],
+    start: float,
+) -> int:
+    """``--per-sample``: every sample of the split, with the category cache ``prior``; writes
+    ``path``. ``start``: when the command started (the printed seconds include the prior)."""
+    records, view_order = index_split(
+        args.dataset, args.root, args.category, args.split, args.resolution, views, args.num_views
     )
     timings: dict[str, float] = {}
-    result = build_sample_homographies(
-        args.root,
-        args.category,
+    result = ensure_sample_homographies(
+        records,
         prior,
-        args.resolution,
-        args.split,
-        dataset=args.dataset,
-        views=views,
-        num_views=args.num_views,
-        graph=args.graph,
+        graph_pairs(prior, view_order, args.graph, bridged=True),
+        path,
+        split=args.split,
+        write=True,
+        rebuild=True,
         progress=say,
         timings=timings,
     )
-    result.save(path)
-    counts = dict.fromkeys(SAMPLE_STATUSES, 0)
-    for sample in result.samples.values():
-        for status in sample.status.values():
-            counts[status] += 1
+    counts = {**dict.fromkeys(SAMPLE_STATUSES, 0), **result.status_counts()}
     n = len(result.samples)
     stages = ", ".join(f"{k} {v / n:.0f}" for k, v in timings.items())
     W, H = result.image_size

@@ -49,6 +49,7 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -59,13 +60,10 @@ from vsad_lightning.data.folder import MultiViewFolderDataset
 from vsad_lightning.data.homographies import default_cache_for, ensure_homography_cache
 from vsad_lightning.data.manta import MantaDataset
 from vsad_lightning.data.realiad import RealIADDataset
-from vsad_lightning.data.sample_homographies import (
-    SampleHomographyFile,
-    ensure_sample_homographies,
-    sample_cache_path,
-)
+from vsad_lightning.data.sample_homographies import ensure_sample_homographies, sample_cache_path
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
+from vsad_lightning.geometry.per_sample import SampleHomographyFile, graph_pairs
 from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS, neighbour_mask
 
 TOP_VIEW = "C1"
@@ -284,9 +282,7 @@ class MultiViewDataModule(L.LightningDataModule):
         """
         if not self.per_sample_homographies or split in self.sample_homographies:
             return
-        mask = self.neighbour_graph_mask()
-        views = self.view_names
-        pairs = [(views[i], views[j]) for i, j in mask.nonzero().tolist()]
+        pairs = self._graph_pairs()
         if not pairs:
             return
         found = ensure_sample_homographies(
@@ -386,18 +382,18 @@ class MultiViewDataModule(L.LightningDataModule):
         from there. Needs ``setup``."""
         if self.homographies is None or self.view_names is None:
             raise RuntimeError("call setup() before asking for the neighbour graph")
-        views = self.view_names
-        mask = neighbour_mask(self.neighbour_graph, len(views))
-        bad = set(self.homographies.unreliable_pairs())
-        for i, src in enumerate(views):
-            for j, dst in enumerate(views):
-                key, reverse = (
-                    HomographyCache.pair_key(src, dst),
-                    HomographyCache.pair_key(dst, src),
-                )
-                if i != j and (key in bad or reverse in bad):
-                    mask[i, j] = False
+        index = {view: i for i, view in enumerate(self.view_names)}
+        mask = torch.zeros(len(index), len(index), dtype=torch.bool)
+        for src, dst in self._graph_pairs():
+            mask[index[src], index[dst]] = True
         return mask
+
+    def _graph_pairs(self) -> list[tuple[str, str]]:
+        """The ordered pairs of ``neighbour_graph_mask``, which are also the pairs whose
+        per-sample homographies are estimated (``geometry.per_sample.graph_pairs``)."""
+        if self.homographies is None or self.view_names is None:
+            raise RuntimeError("call setup() before asking for the neighbour graph")
+        return graph_pairs(self.homographies, self.view_names, self.neighbour_graph, bridged=False)
 
     def removed_neighbour_pairs(self) -> list[str]:
         """The ordered neighbour pairs that ``neighbour_graph_mask`` removes (both directions

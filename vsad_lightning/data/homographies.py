@@ -4,14 +4,14 @@
 missing one from ``K`` normal training samples; ``vsad-homography`` and the DataModule's
 ``prepare_data`` both call it. The datasets themselves only ever *load* a cache.
 
-``build_sample_homographies`` estimates every sample's own homographies of one split with the
-category cache as prior (``vsad-homography --per-sample``; ``geometry.per_sample``).
+Each sample's own homographies (the category cache as prior) are estimated per split by
+``data.sample_homographies.ensure_sample_homographies``; ``index_split`` lists a split's samples
+for it (``vsad-homography --per-sample``).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,13 +25,6 @@ from vsad_lightning.data.realiad import index_realiad
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.estimation import estimate_homographies
-from vsad_lightning.geometry.per_sample import (
-    SampleHomographyFile,
-    bridge_view,
-    estimate_sample_homographies,
-    prior_pairs,
-)
-from vsad_lightning.geometry.projection import neighbour_mask
 
 DatasetKind = Literal["realiad", "manta", "folder"]
 DATASET_KINDS = ("realiad", "manta", "folder")
@@ -49,15 +42,6 @@ def default_cache_for(
     if dataset not in tag:
         raise DataError(f"unknown dataset kind {dataset!r}; expected one of {DATASET_KINDS}")
     return cache_path_for(root, category, tag[dataset])
-
-
-def default_sample_file_for(
-    dataset: str, root: str | os.PathLike, category: str, resolution: int | str, split: str
-) -> Path:
-    """Where ``vsad-homography --per-sample`` writes by default: the category cache's name
-    with ``_<split>_samples`` appended (``homographies_<category>_<res>_test_samples.json``)."""
-    cache = default_cache_for(dataset, root, category, resolution)
-    return cache.with_name(f"{cache.stem}_{split}_samples.json")
 
 
 def index_split(
@@ -203,79 +187,3 @@ def ensure_homography_cache(
     )
     cache.save(path)
     return cache
-
-
-def graph_pairs(
-    prior: HomographyCache, views: Sequence[str], graph: str = "top_and_ring"
-) -> list[tuple[str, str]]:
-    """Ordered neighbour pairs of ``graph`` over ``views`` (in this order; ``top_and_ring``
-    takes the first view as the top camera) that the per-sample estimator can serve: reliable
-    in ``prior``, or bridged through a view both ends match reliably (``bridge_view``)."""
-    mask = neighbour_mask(graph, len(views))
-    reliable = set(prior_pairs(prior, views))
-    return [
-        (src, dst)
-        for i, src in enumerate(views)
-        for j, dst in enumerate(views)
-        if bool(mask[i, j])
-        and ((src, dst) in reliable or bridge_view(prior, src, dst, views) is not None)
-    ]
-
-
-def build_sample_homographies(
-    root: str | os.PathLike,
-    category: str,
-    prior: HomographyCache,
-    resolution: int | str = 256,
-    split: str = "test",
-    *,
-    dataset: str = "realiad",
-    views: Sequence[str] | None = None,
-    num_views: int = 5,
-    graph: str = "top_and_ring",
-    progress: Callable[[str], None] | None = None,
-    timings: dict[str, float] | None = None,
-    **estimation_options,
-) -> SampleHomographyFile:
-    """Every sample's own homographies of one split (``estimate_sample_homographies``), over
-    the reliable neighbour pairs of ``graph``, with the category cache ``prior``.
-
-    Args:
-        root, category, resolution, dataset, views, num_views: the data, as in
-            ``ensure_homography_cache``.
-        prior: the category cache (prior and fallback).
-        split: ``"train"`` or ``"test"``.
-        graph: ``"top_and_ring"``, ``"ring"`` or ``"all"``; both directions of each neighbour
-            pair are written (one is estimated, the other is its inverse).
-        progress: receives a line every 10 samples.
-        timings: receives the summed milliseconds per stage over all samples.
-        estimation_options: passed on to ``estimate_sample_homographies``.
-    """
-    records, view_order = index_split(dataset, root, category, split, resolution, views, num_views)
-    pairs = graph_pairs(prior, view_order, graph)
-    report = progress if progress is not None else (lambda line: None)
-    out: SampleHomographyFile | None = None
-    start = time.perf_counter()
-    for n, record in enumerate(records, start=1):
-        images, _ = read_sample_views(record)
-        estimate = estimate_sample_homographies(
-            dict(zip(view_order, images, strict=True)),
-            prior,
-            pairs,
-            timings=timings,
-            **estimation_options,
-        )
-        if out is None:
-            out = SampleHomographyFile(image_size=estimate.image_size)
-        elif tuple(estimate.image_size) != tuple(out.image_size):
-            W, H = estimate.image_size
-            raise DataError(
-                f"sample {record.sample_id!r} has {W}x{H} px views but the earlier samples of "
-                f"{category!r} {split} have {out.image_size[0]}x{out.image_size[1]} px"
-            )
-        out.add(record.sample_id, estimate)
-        if n % 10 == 0 or n == len(records):
-            report(f"{n}/{len(records)} samples ({time.perf_counter() - start:.1f} s)")
-    if out is None:  # index_split never returns an empty split; guard the invariant
-        raise DataError(f"category {category!r} has no {split} samples")
-    return out

@@ -13,7 +13,6 @@ with ``json`` only (nothing is unpickled).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from vsad_lightning.errors import DataError
-from vsad_lightning.utils.io import atomic_write_json
+from vsad_lightning.utils.io import atomic_write_json, read_json
 
 CACHE_DIR_NAME = "vsad_cache"
 """The only folder this project ever writes inside a dataset root."""
@@ -170,11 +169,4 @@ class HomographyCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HomographyCache:
-        path = Path(path)
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise DataError(f"homography cache {path} does not exist") from e
-        except json.JSONDecodeError as e:
-            raise DataError(f"homography cache {path} is not valid JSON ({e})") from e
-        return cls.from_json(obj, source=str(path))
+        return cls.from_json(read_json(path, "homography cache"), source=str(path))

@@ -38,19 +38,18 @@ Pixel thresholds are given at 256 px and scale with the image (``REFERENCE_SIZE`
 are in the project's pixel-centre convention; OpenCV's keypoints and warps put centres on
 integers and are converted with :func:`~vsad_lightning.geometry.projection.from_opencv_convention`.
 
-The per-sample file (``vsad-homography --per-sample``) is read and written by
-:class:`SampleHomographyFile`.
+Which pairs a sample needs is :func:`graph_pairs`. The per-sample file of a split (written by
+``data.sample_homographies.ensure_sample_homographies``, for the datamodule and for
+``vsad-homography --per-sample`` alike) is read and written by :class:`SampleHomographyFile`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -67,8 +66,8 @@ from vsad_lightning.geometry.estimation import (
     detect_features,
     to_gray,
 )
-from vsad_lightning.geometry.projection import scale_homography
-from vsad_lightning.utils.io import atomic_write_json
+from vsad_lightning.geometry.projection import neighbour_mask, scale_homography
+from vsad_lightning.utils.io import atomic_write_json, read_json
 
 SAMPLE_STATUSES = ("refined", "matched", "prior", "composed", "unreliable")
 """``refined``: photometric refinement converged; ``matched``: the sample's own feature
@@ -657,6 +656,39 @@ def bridge_view(prior: HomographyCache, src: str, dst: str, views: Sequence[str]
     return best
 
 
+def graph_pairs(
+    prior: HomographyCache,
+    views: Sequence[str],
+    graph: str = "top_and_ring",
+    *,
+    bridged: bool = True,
+) -> list[tuple[str, str]]:
+    """Ordered neighbour pairs of ``graph`` over ``views`` (in this order; ``top_and_ring``
+    takes the first view as the top camera) whose homographies a sample needs.
+
+    A pair counts when ``prior`` marks it reliable (``status == "ok"``) in both directions: an
+    unreliable pair leaves the neighbour graph in both directions
+    (``MultiViewDataModule.neighbour_graph_mask`` is built from ``bridged=False``, and the
+    datamodule estimates exactly those pairs). ``bridged=True`` (``vsad-homography
+    --per-sample``, ``benchmarks/homography_accuracy.py``) also keeps the unreliable neighbour
+    pairs that ``estimate_sample_homographies`` can compose through a bridge view
+    (``bridge_view``). Row-major order, so the estimator computes the same direction of each
+    view pair whichever caller asks.
+    """
+    mask = neighbour_mask(graph, len(views))
+    reliable = set(prior_pairs(prior, views))
+    return [
+        (src, dst)
+        for i, src in enumerate(views)
+        for j, dst in enumerate(views)
+        if bool(mask[i, j])
+        and (
+            ((src, dst) in reliable and (dst, src) in reliable)
+            or (bridged and bridge_view(prior, src, dst, views) is not None)
+        )
+    ]
+
+
 def _budgets(iterations: Sequence[int], levels: int) -> list[int]:
     """Iteration counts for ``levels`` octaves out of ``iterations`` (coarsest first): the
     finest ``levels`` counts, the coarsest of them raised to ``iterations[0]`` (it starts from
@@ -805,22 +837,34 @@ def estimate_sample_homographies(
 
 @dataclass
 class SampleHomographyFile:
-    """Per-sample homographies of one split, as ``vsad-homography --per-sample`` writes them.
-
-    Format (also that of the synthetic generator's per-sample truth, which has no
-    ``status``)::
+    """Per-sample homographies of one split: the project's one reader and writer of the format
+    (docs/conventions.md, "Per-sample homographies")::
 
         {"image_size": [W, H],
+         "prior": "<fingerprint of the category cache the estimates started from>",
+         "sources": {"<sample id>": "<fingerprint of the sample's view files>"},
          "samples": {"<sample id>": {"C1->C2": {"H": [[...], [...], [...]],
                                                  "status": "refined"}, ...}, ...}}
 
     ``H`` maps pixel-centre coordinates of the source view to the target view at
     ``image_size``; sample ids are ``SampleRecord.sample_id`` (Real-IAD:
-    ``<category>_<4 digits>_<OK|NG>``). Read with ``json`` only, written atomically.
+    ``<category>_<4 digits>_<OK|NG>``). ``status`` (one of ``SAMPLE_STATUSES``), ``prior`` and
+    ``sources`` are optional: the synthetic generator's per-sample truth has no ``status``, and
+    a file written by hand with ``image_size`` and ``samples`` only is trusted as it is by
+    ``data.sample_homographies.ensure_sample_homographies``, which writes ``prior`` and
+    ``sources`` to know when an entry is stale. Read with ``json`` only, written atomically.
+
+    Attributes:
+        image_size: ``(W, H)`` every matrix refers to.
+        samples: sample id -> its homographies (at ``image_size``).
+        prior: fingerprint of the category cache, or ``None``.
+        sources: sample id -> fingerprint of its view files (samples without one are trusted).
     """
 
     image_size: tuple[int, int]
     samples: dict[str, SampleHomographies] = field(default_factory=dict)
+    prior: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
 
     def add(self, sample_id: str, homographies: SampleHomographies) -> None:
         """Store one sample's estimate (its ``image_size`` must be the file's)."""
@@ -841,6 +885,19 @@ class SampleHomographyFile:
             )
         return found
 
+    def matrices(self, sample_id: str) -> dict[str, np.ndarray]:
+        """Pair key -> ``H`` at ``image_size`` for one sample (empty when absent)."""
+        found = self.samples.get(sample_id)
+        return dict(found.H) if found is not None else {}
+
+    def status_counts(self) -> dict[str, int]:
+        """Pairs per status over every sample (pairs without a status are not counted)."""
+        counts: dict[str, int] = {}
+        for sample in self.samples.values():
+            for status in sample.status.values():
+                counts[status] = counts.get(status, 0) + 1
+        return counts
+
     def to_json(self) -> dict:
         samples = {}
         for sample_id, sample in self.samples.items():
@@ -851,17 +908,21 @@ class SampleHomographyFile:
                     pair["status"] = sample.status[key]
                 entry[key] = pair
             samples[sample_id] = entry
-        return {
-            "image_size": [int(self.image_size[0]), int(self.image_size[1])],
-            "samples": samples,
-        }
+        out: dict = {"image_size": [int(self.image_size[0]), int(self.image_size[1])]}
+        if self.prior is not None:
+            out["prior"] = self.prior
+        if self.sources:
+            out["sources"] = dict(self.sources)
+        out["samples"] = samples
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, obj: object, source: str = "<memory>") -> SampleHomographyFile:
-        """Validate and parse; every problem is one ``DataError`` line naming ``source``."""
+        """Validate and parse; every problem is one ``DataError`` line naming ``source`` (and
+        the sample and pair where it is one of theirs)."""
 
         def fail(what: str) -> DataError:
             return DataError(f"per-sample homography file {source}: {what}")
@@ -878,9 +939,15 @@ class SampleHomographyFile:
             and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
         ):
             raise fail(f"'image_size' must be [W, H] positive integers, got {size!r}")
+        prior = obj.get("prior")
+        if prior is not None and not isinstance(prior, str):
+            raise fail(f"'prior' must be a string, got {prior!r}")
+        sources = obj.get("sources", {})
+        if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+            raise fail("'sources' must be an object mapping sample ids to strings")
         if not isinstance(obj["samples"], dict):
             raise fail("'samples' must be an object mapping sample ids to their pairs")
-        out = cls(image_size=(size[0], size[1]))
+        out = cls(image_size=(size[0], size[1]), prior=prior, sources=dict(sources))
         for sample_id, pairs in obj["samples"].items():
             if not isinstance(pairs, dict):
                 raise fail(f"sample {sample_id!r}: expected an object of pairs, got {pairs!r}")
@@ -915,11 +982,4 @@ class SampleHomographyFile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SampleHomographyFile:
-        path = Path(path)
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise DataError(f"per-sample homography file {path} does not exist") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"per-sample homography file {path} is not valid JSON ({e})") from e
-        return cls.from_json(obj, source=str(path))
+        return cls.from_json(read_json(path, "per-sample homography file"), source=str(path))
