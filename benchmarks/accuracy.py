@@ -134,7 +134,7 @@ def _refit_calibration(module: VSADModule) -> None:
     """Leave-one-out maps of the normals under the module's current scoring settings (the
     bank's own features, normals only) and the calibration fitted from them."""
     bank, calibration = module.memory_bank, module.calibration
-    levels = bank.levels
+    levels = [level for level in bank.levels if level in module.level_weights]
     n = bank.num_samples(levels[0])
 
     def features_of(ids):
