@@ -35,6 +35,10 @@ per-sample file per split next to it (``data.sample_homographies``); ``setup`` (
 only loads them. A ``setup`` called without a Trainer (a user's script, one process) estimates
 what is missing itself.
 
+With ``register_views`` every sample's views are first registered to the category's reference
+pose (``data.registration``, docs/method.md#registration): one more file per split, written by
+``prepare_data`` and read by ``setup`` in the same way.
+
 The training loader's order is a pure function of ``(seed, epoch, rank)``
 (``ResumableShuffleSampler``), so training is reproducible and a resumed run sees exactly the
 batches an uninterrupted run would have seen (see the sampler's docstring).
@@ -332,8 +336,8 @@ class MultiViewDataModule(L.LightningDataModule):
         """The reference pose of ``register_views`` (``data.registration.reference_record``):
         from the training split, whatever the stage (only its index is read here)."""
         if self.reference is None:
-            train = self.train_normals if self.train_normals is not None else None
-            records = train.records if train is not None else self._make_dataset("train").records
+            train = self.train_normals
+            records = (train if train is not None else self._make_dataset("train")).records
             self.reference = reference_record(records, self.category)
         return self.reference
 
