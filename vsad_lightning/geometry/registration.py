@@ -72,3 +72,12 @@ def maps_to_original(maps: Tensor, registration: Tensor) -> Tensor:
     if maps.dtype == torch.bool:
         return warped >= 0.5
     return warped.to(maps.dtype)
+
+
+def sample_to_original(views: Tensor, registration: Tensor) -> Tensor:
+    """One sample's ``(V, C, H, W)`` (its registered images, for pictures) in the original
+    frames, so that they line up with the masks and returned maps; untouched when every
+    ``R_v`` is the identity."""
+    if is_identity(registration):
+        return views
+    return maps_to_original(views.unsqueeze(0), registration.unsqueeze(0))[0]
