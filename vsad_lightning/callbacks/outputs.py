@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from vsad_lightning.data.batch import MultiViewBatch
+from vsad_lightning.geometry.registration import sample_to_original
 from vsad_lightning.metrics.export import write_metrics
 from vsad_lightning.utils.io import atomic_write_json
 
@@ -90,7 +91,7 @@ class AnomalyMapPictures(L.Callback):
             self._kept.append(
                 (
                     batch.sample_ids[b],
-                    batch.images[b].float().cpu(),
+                    sample_to_original(batch.images[b], batch.registration[b]).float().cpu(),
                     batch.masks[b].float().cpu(),
                     outputs.normalised_maps[b].float().cpu(),
                 )

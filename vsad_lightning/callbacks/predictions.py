@@ -14,6 +14,7 @@ from torch import Tensor
 
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, run_dir
 from vsad_lightning.data.batch import MultiViewBatch
+from vsad_lightning.geometry.registration import sample_to_original
 from vsad_lightning.utils.io import atomic_write_text
 
 SCORE_COLUMNS: tuple[str, ...] = (
@@ -103,7 +104,10 @@ class PredictionWriter(L.Callback):
             maps = outputs.normalised_maps[b].float().cpu()
             vmax = self.vmax if self.vmax is not None else float(maps.max())
             picture = self._pictures.render(
-                batch.images[b].float().cpu(), batch.masks[b].float().cpu(), maps, vmax=vmax
+                sample_to_original(batch.images[b], batch.registration[b]).float().cpu(),
+                batch.masks[b].float().cpu(),
+                maps,
+                vmax=vmax,
             )
             cv2.imwrite(str(self.dir / "maps" / f"{batch.sample_ids[b]}.png"), picture[..., ::-1])
         self._rows.extend(score_rows(batch, outputs))

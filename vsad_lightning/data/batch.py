@@ -28,6 +28,11 @@ class MultiViewSample:
         category: the dataset category.
         view_names: the view tokens in order, e.g. ``["C1", ..., "C5"]``.
         image_paths: the source file of each view (for reports and pictures).
+        registration: ``(V, 3, 3)`` float32; ``[v]`` maps pixel centres of the ORIGINAL view
+            ``v`` to its registered (reference) frame at the image resolution; ``images`` and
+            ``homographies`` are in the registered frames, ``masks`` in the original ones
+            (``data.register_views``, docs/method.md#registration). The identity when
+            registration is off (``None`` given).
     """
 
     images: Tensor
@@ -39,6 +44,11 @@ class MultiViewSample:
     category: str
     view_names: list[str]
     image_paths: list[str] = field(default_factory=list)
+    registration: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.registration is None:
+            self.registration = torch.eye(3).repeat(self.images.shape[0], 1, 1)
 
 
 @dataclass
@@ -57,6 +67,8 @@ class MultiViewBatch:
         sample_ids, categories: one entry per sample.
         view_names: the view tokens, shared by the batch.
         image_paths: ``B`` lists of ``V`` paths.
+        registration: ``(B, V, 3, 3)`` float32, ``MultiViewSample.registration`` stacked
+            (identity when registration is off, or ``None`` given).
     """
 
     images: Tensor
@@ -69,6 +81,12 @@ class MultiViewBatch:
     categories: list[str]
     view_names: list[str]
     image_paths: list[list[str]] = field(default_factory=list)
+    registration: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.registration is None:
+            B, V = self.images.shape[:2]
+            self.registration = torch.eye(3, device=self.images.device).repeat(B, V, 1, 1)
 
     @property
     def batch_size(self) -> int:
@@ -147,4 +165,5 @@ def collate_multiview(
         categories=[s.category for s in samples],
         view_names=list(first.view_names),
         image_paths=[list(s.image_paths) for s in samples],
+        registration=torch.stack([s.registration for s in samples]),
     )

@@ -35,6 +35,10 @@ per-sample file per split next to it (``data.sample_homographies``); ``setup`` (
 only loads them. A ``setup`` called without a Trainer (a user's script, one process) estimates
 what is missing itself.
 
+With ``register_views`` every sample's views are first registered to the category's reference
+pose (``data.registration``, docs/method.md#registration): one more file per split, written by
+``prepare_data`` and read by ``setup`` in the same way.
+
 The training loader's order is a pure function of ``(seed, epoch, rank)``
 (``ResumableShuffleSampler``), so training is reproducible and a resumed run sees exactly the
 batches an uninterrupted run would have seen (see the sampler's docstring).
@@ -55,11 +59,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vsad_lightning.data.batch import collate_multiview
-from vsad_lightning.data.dataset import FILE_CHECKS, NORMAL_CLASS, MultiViewDataset
+from vsad_lightning.data.dataset import (
+    FILE_CHECKS,
+    NORMAL_CLASS,
+    MultiViewDataset,
+    SampleRecord,
+)
 from vsad_lightning.data.folder import MultiViewFolderDataset
 from vsad_lightning.data.homographies import default_cache_for, ensure_homography_cache
 from vsad_lightning.data.manta import MantaDataset
 from vsad_lightning.data.realiad import RealIADDataset
+from vsad_lightning.data.registration import (
+    ensure_registration,
+    reference_record,
+    registration_cache_path,
+    registration_matrices,
+)
 from vsad_lightning.data.sample_homographies import ensure_sample_homographies, sample_cache_path
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
@@ -143,6 +158,16 @@ class MultiViewDataModule(L.LightningDataModule):
             and split, cached in ``<root>/vsad_cache/homographies_<category>_<res>_samples_
             <split>.json``; pairs not estimated keep the category's. ``False``: the category's
             homographies for every sample (the behaviour before per-sample estimation).
+        register_views: ``True``: every sample's view ``v`` is warped onto the category's
+            reference sample's view ``v`` (the first normal training sample in sorted
+            sample-id order) by a homography ``R_v`` estimated from the images, before the
+            resize; the cross-view homographies become those between registered frames, the
+            masks stay in the original frames, and the batches carry ``R_v`` in
+            ``registration`` so that the model returns its maps in the original frames
+            (docs/method.md#registration). Cached per split in ``<root>/vsad_cache/
+            homographies_<category>_<res>_registration_<split>.json``. For the positional
+            bank on busy textures, where a few pixels of placement ruin the comparison.
+            ``False`` (the default): no registration, batches carry identities.
     """
 
     def __init__(
@@ -164,6 +189,7 @@ class MultiViewDataModule(L.LightningDataModule):
         predict_root: str | None = None,
         check_files: Literal["header", "decode", "none"] = "header",
         per_sample_homographies: bool = True,
+        register_views: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in ("realiad", "manta", "folder"):
@@ -198,6 +224,9 @@ class MultiViewDataModule(L.LightningDataModule):
         self.predict_root = predict_root
         self.check_files = check_files
         self.per_sample_homographies = per_sample_homographies
+        self.register_views = register_views
+        self.registration: dict[str, SampleHomographyFile | None] = {}  # split -> its file
+        self.reference: SampleRecord | None = None  # the reference pose (register_views)
         self._warned_unreliable = False
         self._estimating = False  # True while prepare_data sets up: it may write caches
         self.sample_homographies: dict[str, SampleHomographyFile] = {}  # split -> its file
@@ -299,6 +328,43 @@ class MultiViewDataModule(L.LightningDataModule):
             found.image_size, {s: found.matrices(s) for s in found.samples if s in ids}
         )
 
+    def registration_cache_path(self, split: str) -> Path:
+        """The registration file of ``split`` next to the category cache."""
+        return registration_cache_path(self.cache_path, split)
+
+    def _reference_record(self) -> SampleRecord:
+        """The reference pose of ``register_views`` (``data.registration.reference_record``):
+        from the training split, whatever the stage (only its index is read here)."""
+        if self.reference is None:
+            train = self.train_normals
+            records = (train if train is not None else self._make_dataset("train")).records
+            self.reference = reference_record(records, self.category)
+        return self.reference
+
+    def _attach_registration(self, split: str, dataset: MultiViewDataset) -> None:
+        """Register ``dataset``'s views to the reference pose (``register_views``). Writes the
+        split's file only in ``prepare_data``, or without a Trainer, like the per-sample
+        homographies."""
+        if not self.register_views or split in self.registration:
+            return
+        found = ensure_registration(
+            dataset.records,
+            self._reference_record(),
+            self.registration_cache_path(split),
+            split=split,
+            write=self._estimating or self.trainer is None,
+        )
+        self.registration[split] = found
+        views = list(dataset.view_names)
+        ids = {r.sample_id for r in dataset.records}
+        size = found.image_size if found is not None else (1, 1)
+        matrices = (
+            {}
+            if found is None
+            else {s: registration_matrices(found, s, views) for s in found.samples if s in ids}
+        )
+        dataset.set_registration(size, matrices)
+
     def _load_homographies(self) -> HomographyCache:
         if self.homographies is None:
             if not self.cache_path.is_file():
@@ -353,6 +419,7 @@ class MultiViewDataModule(L.LightningDataModule):
         # Only once every split's files passed: bad input writes nothing into the dataset.
         for split, dataset in self._splits().items():
             self._attach_sample_homographies(split, dataset)
+            self._attach_registration(split, dataset)
         self._warn_unreliable_pairs()
 
     def _splits(self) -> dict[str, MultiViewDataset]:
@@ -431,6 +498,18 @@ class MultiViewDataModule(L.LightningDataModule):
             "per_sample": {
                 split: {"file": str(self.sample_cache_path(split)), "status": f.status_counts()}
                 for split, f in self.sample_homographies.items()
+            },
+            "registration": None
+            if not self.register_views or self.reference is None
+            else {
+                "reference": self.reference.sample_id,
+                "splits": {
+                    split: {
+                        "file": str(self.registration_cache_path(split)),
+                        "status": f.status_counts() if f is not None else {},
+                    }
+                    for split, f in self.registration.items()
+                },
             },
         }
 
@@ -538,4 +617,5 @@ class MultiViewDataModule(L.LightningDataModule):
         if self.train_normals is None:
             self._setup_train()
             self._attach_sample_homographies("train", self.train_normals)
+            self._attach_registration("train", self.train_normals)
         return self._loader(self.train_normals, self.eval_batch_size, shuffle=False)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -23,7 +24,8 @@ from vsad_lightning.data.images import probe_image, read_image_rgb, read_mask
 from vsad_lightning.data.transforms import as_size, homographies_for, views_to_tensors
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache, default_cache_path
-from vsad_lightning.geometry.projection import scale_homography
+from vsad_lightning.geometry.projection import scale_homography, to_opencv_convention
+from vsad_lightning.geometry.registration import registered_homographies
 
 NORMAL_CLASS = "OK"
 """The anomaly class of normal samples (Real-IAD's name; MANTA's ``good`` maps to it)."""
@@ -272,6 +274,8 @@ class MultiViewDataset(Dataset):
         self._homography_memo: dict[tuple, object] = {}
         self._sample_size: tuple[int, int] | None = None
         self._sample_matrices: dict[str, dict[str, np.ndarray]] = {}
+        self._registration_size: tuple[int, int] | None = None
+        self._registration: dict[str, np.ndarray] = {}
 
     def set_sample_homographies(
         self,
@@ -291,6 +295,53 @@ class MultiViewDataset(Dataset):
             sample: {key: np.asarray(H, dtype=np.float64) for key, H in pairs.items()}
             for sample, pairs in (matrices or {}).items()
         }
+
+    def set_registration(
+        self,
+        image_size: tuple[int, int] | None,
+        matrices: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        """Register every sample's views to the reference pose (``MultiViewDataModule``'s
+        ``register_views``, docs/method.md#registration).
+
+        Args:
+            image_size: ``(W, H)`` the matrices refer to (the stored images' size).
+            matrices: sample id -> ``(V, 3, 3)`` ``R_v`` in ``view_names`` order, mapping the
+                sample's view ``v`` onto the reference's view ``v``; a sample absent here (the
+                reference itself) gets the identity. ``None`` turns registration off.
+        """
+        self._registration_size = None if matrices is None else tuple(image_size)
+        self._registration = {
+            sample: np.asarray(R, dtype=np.float64) for sample, R in (matrices or {}).items()
+        }
+
+    def _register(
+        self, sample: str, images: list[np.ndarray], out_size: tuple[int, int]
+    ) -> tuple[list[np.ndarray], Tensor]:
+        """The sample's views warped into their reference frames at the stored resolution
+        (bilinear, border replicated), and ``(V, 3, 3)`` float64 ``R_v`` at ``out_size``."""
+        V = len(self.view_names)
+        R = self._registration.get(sample)
+        if R is None:
+            return images, torch.eye(3, dtype=torch.float64).repeat(V, 1, 1)
+        if R.shape != (V, 3, 3):
+            raise DataError(
+                f"registration of sample {sample!r}: expected {V} matrices (V, 3, 3) for views "
+                f"{self.view_names}, got shape {R.shape}"
+            )
+        native = (images[0].shape[1], images[0].shape[0])
+        at_native = scale_homography(torch.from_numpy(R), self._registration_size, native)
+        warped = [
+            cv2.warpPerspective(
+                image,
+                to_opencv_convention(at_native[v].numpy()),
+                native,
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_REPLICATE,
+            )
+            for v, image in enumerate(images)
+        ]
+        return warped, scale_homography(torch.from_numpy(R), self._registration_size, out_size)
 
     def _own_homographies(self, sample: str, base: Tensor, out_size: tuple[int, int]) -> Tensor:
         """``base`` (the category's, at ``out_size``) with the sample's own pairs put in."""
@@ -364,6 +415,9 @@ class MultiViewDataset(Dataset):
         images, masks = read_sample_views(record)
         native = (images[0].shape[1], images[0].shape[0])
         out_size = self.image_size or native
+        registration = None
+        if self._registration_size is not None:  # masks stay in the original frames
+            images, registration = self._register(record.sample_id, images, out_size)
         image_tensor, mask_tensor = views_to_tensors(images, masks, out_size)
         key = (native, out_size)
         if key not in self._homography_memo:
@@ -373,14 +427,18 @@ class MultiViewDataset(Dataset):
         # Labelled at the native size: a defect too small to survive the resize still makes
         # its view anomalous. An all-zero mask file marks nothing.
         view_labels = torch.tensor([int(m is not None and bool(m.any())) for m in masks])
+        homographies = self._own_homographies(
+            record.sample_id, self._homography_memo[key], out_size
+        )
+        if registration is not None:
+            homographies = registered_homographies(homographies, registration)
         return MultiViewSample(
             images=image_tensor,
             masks=mask_tensor,
             view_labels=view_labels,
             sample_label=view_labels.max(),
-            homographies=self._own_homographies(
-                record.sample_id, self._homography_memo[key], out_size
-            ),
+            homographies=homographies,
+            registration=None if registration is None else registration.to(torch.float32),
             sample_id=record.sample_id,
             category=record.category,
             view_names=list(self.view_names),

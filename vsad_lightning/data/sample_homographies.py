@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,8 @@ def ensure_sample_homographies(
     rebuild: bool = False,
     progress: Callable[[str], None] | None = _print_progress,
     timings: dict[str, float] | None = None,
+    extra_images: Mapping[str, np.ndarray] | None = None,
+    label: str = "per-sample homographies",
     **estimation_options,
 ) -> SampleHomographyFile:
     """Load the split's per-sample file, estimating and writing (atomically) what it lacks.
@@ -145,6 +147,10 @@ def ensure_sample_homographies(
             one per tenth of the samples estimated.
         timings: receives the summed CPU milliseconds per estimation stage of the samples
             estimated (``estimate_sample_homographies``'s ``timings``).
+        extra_images: images added to every sample's views under their own names (not view
+            tokens of the records), so that ``pairs`` may end in them: the reference views of
+            ``data.registration``, which registers each view onto the reference sample's.
+        label: what the progress lines call the estimates.
         estimation_options: passed on to ``estimate_sample_homographies``.
     """
     path = Path(path)
@@ -181,8 +187,10 @@ def ensure_sample_homographies(
         if entry is None or cache.sources.get(sample, source) != source:
             entry = SampleHomographies(image_size=cache.image_size)
         needed = [(s, d) for s, d in pairs if HomographyCache.pair_key(s, d) not in entry.H]
+        named = dict(zip(views, images, strict=True))
+        named.update(extra_images or {})
         estimate = estimate_sample_homographies(
-            dict(zip(views, images, strict=True)),
+            named,
             prior,
             needed,
             timings=timings,
@@ -197,10 +205,7 @@ def ensure_sample_homographies(
         cache.sources[sample] = source
         if progress is not None and (done % step == 0 or done == len(todo)):
             seconds = (time.perf_counter() - start) / done
-            progress(
-                f"per-sample homographies ({split}): {done}/{len(todo)} samples, "
-                f"{seconds:.2f} s per sample"
-            )
+            progress(f"{label} ({split}): {done}/{len(todo)} samples, {seconds:.2f} s per sample")
     cache.prior = fingerprint
     cache.save(path)
     return cache

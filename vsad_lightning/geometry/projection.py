@@ -8,6 +8,7 @@ keypoints put pixel centres on integers instead; ``from_opencv_convention`` conv
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,6 +72,13 @@ def from_opencv_convention(H_cv: Tensor) -> Tensor:
     T_inv = torch.eye(3, dtype=H_cv.dtype, device=H_cv.device)
     T_inv[0, 2] = T_inv[1, 2] = -0.5
     return T @ H_cv @ T_inv
+
+
+def to_opencv_convention(H: np.ndarray) -> np.ndarray:
+    """A pixel-centre ``(3, 3)`` homography for OpenCV's warps (centres on integers):
+    ``T^-1 H T``, the inverse of ``from_opencv_convention`` (docs/conventions.md)."""
+    T = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    return np.linalg.inv(T) @ np.asarray(H, dtype=np.float64) @ T
 
 
 NEIGHBOUR_GRAPHS = ("all", "ring", "top_and_ring")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.errors import DataError
+from vsad_lightning.geometry.registration import is_identity, maps_to_original
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.models.backbones import build_backbone
 from vsad_lightning.models.calibration import (
@@ -111,6 +112,30 @@ def update_metrics(
         batch.sample_labels,
         pred_view_labels=prediction.pred_view_labels,
         pred_sample_labels=prediction.pred_sample_labels,
+    )
+
+
+def to_original_frames(prediction: AnomalyPrediction, registration: Tensor) -> AnomalyPrediction:
+    """``prediction`` with its pixel maps carried from the registered frames back to the
+    original ones (``maps_to_original``); itself, untouched, when every ``R_v`` is the
+    identity (registration off)."""
+    if is_identity(registration):
+        return prediction
+    normalised_is_raw = prediction.normalised_maps is prediction.anomaly_maps
+    anomaly_maps = maps_to_original(prediction.anomaly_maps, registration)
+    return replace(
+        prediction,
+        anomaly_maps=anomaly_maps,
+        normalised_maps=(
+            anomaly_maps
+            if normalised_is_raw
+            else maps_to_original(prediction.normalised_maps, registration)
+        ),
+        pred_masks=(
+            None
+            if prediction.pred_masks is None
+            else maps_to_original(prediction.pred_masks, registration)
+        ),
     )
 
 
@@ -510,7 +535,19 @@ class VSADModule(L.LightningModule):
     ) -> AnomalyPrediction:
         """``score`` from features ``extract_features(batch)`` already computed: the U-Net passes
         are the expensive part, so benchmarks that compare scoring options on one fitted model
-        extract once and score many times (``benchmarks/accuracy.py``)."""
+        extract once and score many times (``benchmarks/accuracy.py``).
+
+        With registered views (``data.register_views``) the bank, calibration and fusion all
+        work in the registered frames, and the view scores are maxima there (for the normals
+        and the test samples alike); only the returned pixel maps are carried back to each
+        view's original frame (``geometry.registration.maps_to_original``), where the masks
+        are (docs/method.md#registration)."""
+        return to_original_frames(self._score_registered(batch, features), batch.registration)
+
+    def _score_registered(
+        self, batch: MultiViewBatch, features: dict[int, Tensor]
+    ) -> AnomalyPrediction:
+        """``score_extracted`` in the frames of ``batch.images``."""
         mode = self.hparams.calibration
         fusion = float(self.hparams.fusion_strength)
         out = score_features(
