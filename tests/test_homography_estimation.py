@@ -295,7 +295,7 @@ def test_degenerate_fits_are_rejected_even_with_many_inliers():
     for name, H_cv in cases.items():
         mapped = src.astype(np.float64) @ H_cv[:, :2].T + H_cv[:, 2]
         dst = (mapped[:, :2] / mapped[:, 2:]).astype(np.float32)
-        judged = estimation._judge(H_cv, src, dst, settings)
+        judged, _ = estimation._verdict(H_cv, src, dst, settings)
         assert judged.inliers == 200, name
         verdicts[name] = judged.status
     assert verdicts == {"ok": "ok", "mirror": "unreliable", "collapse": "unreliable"}

@@ -62,6 +62,7 @@ from vsad_lightning.data.synthetic import (
     _category_rng,
     anomalous_test_indices,
     look_at,
+    place_defect,
     plane_homographies,
     prepare_texture,
     supersampled_matrix,
@@ -495,14 +496,7 @@ class RealisticMultiView:
         Half go anywhere on the part; the other half, smaller, go along one edge in
         ``EDGE_BAND`` (see the module docstring's visibility rule)."""
         T, n = self.texture_size, self.image_size
-        if rng.random() < 0.5:
-            centre, scale, along = rng.uniform(-0.75, 0.75, size=2), 1.0, None
-        else:
-            side = int(rng.integers(4)) * np.pi / 2
-            normal = np.array([np.cos(side), np.sin(side)])
-            along = np.array([-normal[1], normal[0]])
-            centre = rng.uniform(*EDGE_BAND) * normal + rng.uniform(-0.65, 0.65) * along
-            scale = 0.6
+        centre, scale, along = place_defect(rng, 0.75, EDGE_BAND, 0.65, 0.6)
         canvas = np.zeros((T, T), dtype=np.uint8)
         shift = 4  # sub-pixel drawing precision (coordinates * 2^shift)
         inside = self._part_alpha > 0

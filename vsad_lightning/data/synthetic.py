@@ -346,6 +346,29 @@ class SyntheticCategory:
 # ----------------------------------------------------------------------------- the generator
 
 
+def place_defect(
+    rng: np.random.Generator,
+    spread: float,
+    edge_band: tuple[float, float],
+    edge_spread: float,
+    edge_scale: float,
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Where a defect goes, in object coordinates (the object spans ``[-1, 1]^2``).
+
+    Half of the defects go anywhere within ``spread`` of the centre (``along`` is ``None``,
+    ``scale`` 1); the other half, ``edge_scale`` times smaller, go along one edge, at a distance
+    in ``edge_band`` from the centre and within ``edge_spread`` along the edge (``along``: the
+    edge's direction), where some side cameras do not look. Returns ``(centre, scale, along)``.
+    """
+    if rng.random() < 0.5:
+        return rng.uniform(-spread, spread, size=2), 1.0, None
+    side = int(rng.integers(4)) * np.pi / 2
+    normal = np.array([np.cos(side), np.sin(side)])
+    along = np.array([-normal[1], normal[0]])
+    centre = rng.uniform(*edge_band) * normal + rng.uniform(-edge_spread, edge_spread) * along
+    return centre, edge_scale, along
+
+
 class SyntheticMultiView:
     """Renders samples of one category.
 
@@ -435,14 +458,7 @@ class SyntheticMultiView:
         samples have normal views, as in Real-IAD.
         """
         P, n = self.plane_size, self.image_size
-        if rng.random() < 0.5:
-            centre, scale, along = rng.uniform(-0.82, 0.82, size=2), 1.0, None
-        else:
-            side = int(rng.integers(4)) * np.pi / 2
-            normal = np.array([np.cos(side), np.sin(side)])
-            along = np.array([-normal[1], normal[0]])
-            centre = rng.uniform(*EDGE_BAND) * normal + rng.uniform(-0.6, 0.6) * along
-            scale = 0.55
+        centre, scale, along = place_defect(rng, 0.82, EDGE_BAND, 0.6, 0.55)
         canvas = np.zeros((P, P), dtype=np.uint8)
         shift = 4  # sub-pixel drawing precision for OpenCV (coordinates * 2^shift)
         if kind == "scratch":

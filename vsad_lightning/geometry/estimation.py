@@ -330,18 +330,6 @@ def _unreliable(inliers: int = 0, ratio: float = 0.0, error: float = 0.0) -> Pai
     )
 
 
-def _judge(
-    H_cv: np.ndarray | None,
-    src_points: np.ndarray,
-    dst_points: np.ndarray,
-    settings: _Settings,
-    samples: np.ndarray | None = None,
-    mutual: np.ndarray | None = None,
-) -> PairEstimate:
-    """Evidence for ``H_cv`` on these matches, and its status (see ``_verdict``)."""
-    return _verdict(H_cv, src_points, dst_points, settings, samples, mutual)[0]
-
-
 def _verdict(
     H_cv: np.ndarray | None,
     src_points: np.ndarray,
