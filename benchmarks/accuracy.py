@@ -89,6 +89,8 @@ FIT_VARIANTS: dict[str, list[str]] = {
 SCORING_VARIANTS: dict[str, dict] = {
     "as_fitted": {},
     "fusion_off": {"fusion_strength": 0.0},
+    "fusion_0.5": {"fusion_strength": 0.5},
+    "fusion_1.0": {"fusion_strength": 1.0},
     "calibration_off": {"calibration": "none"},
     "view_calibration": {"calibration": "view"},
     "latent_only": {"unet_weight": 0.0},
