@@ -58,13 +58,12 @@ from vsad_lightning.data.synthetic import (
     _TEXTURES,
     VIEWS,
     SyntheticCategory,
-    SyntheticSample,
     _category_rng,
-    anomalous_test_indices,
     look_at,
     place_defect,
     plane_homographies,
     prepare_texture,
+    render_samples,
     supersampled_matrix,
     warp_supersampled,
 )
@@ -733,25 +732,13 @@ def generate_realistic_category(
             f"need >= 1 training sample and >= 0 test samples, got {samples_train}, {samples_test}"
         )
     gen = RealisticMultiView(name, image_size, rig)
-    rng = _category_rng(name, seed)
-    bad = anomalous_test_indices(rng, samples_test, anomaly_fraction)
-    kinds = list(REALISTIC_DEFECT_CODES)
-    train = []
-    for i in range(samples_train):
-        images, _, H = gen.render(rng)
-        train.append(SyntheticSample(i + 1, "OK", images, homographies=H))
-    test = []
-    for i in range(samples_test):
-        number = samples_train + i + 1
-        if i in bad:
-            kind = kinds[int(rng.integers(len(kinds)))]
-            defects = [kind] * int(rng.integers(1, 3))
-            images, masks, H = gen.render(rng, defects)
-            if not masks:  # C1 sees the whole part; guard the invariant
-                raise RuntimeError(f"{name} sample {number}: the defect is visible in no view")
-            code = REALISTIC_DEFECT_CODES[kind]
-            test.append(SyntheticSample(number, code, images, masks, defects, homographies=H))
-        else:
-            images, _, H = gen.render(rng)
-            test.append(SyntheticSample(number, "OK", images, homographies=H))
+    train, test = render_samples(
+        name,
+        gen.render,
+        _category_rng(name, seed),
+        samples_train,
+        samples_test,
+        anomaly_fraction,
+        REALISTIC_DEFECT_CODES,
+    )
     return SyntheticCategory(name, image_size, train, test, gen.homographies(), rig="realistic")

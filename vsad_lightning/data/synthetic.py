@@ -586,6 +586,45 @@ def anomalous_test_indices(
     return set(rng.permutation(samples_test)[:n_bad].tolist())
 
 
+def render_samples(
+    name: str,
+    render: Callable[[np.random.Generator, Sequence[str]], tuple],
+    rng: np.random.Generator,
+    samples_train: int,
+    samples_test: int,
+    anomaly_fraction: float,
+    codes: dict[str, str],
+) -> tuple[list[SyntheticSample], list[SyntheticSample]]:
+    """The samples of one category, for either rig: ``samples_train`` normals, then
+    ``samples_test`` test samples of which ``round(samples_test * anomaly_fraction)``, spread
+    at random, carry one or two defects of one kind (``codes``: kind -> anomaly class).
+
+    ``render(rng, defects) -> (images, masks, homographies or None)`` draws one sample. Sample
+    numbers run 1..train+test, train first; every random draw comes from ``rng`` in a fixed
+    order, so a seed gives the same samples.
+    """
+    bad = anomalous_test_indices(rng, samples_test, anomaly_fraction)
+    kinds = list(codes)
+    train = []
+    for i in range(samples_train):
+        images, _, H = render(rng, ())
+        train.append(SyntheticSample(i + 1, "OK", images, homographies=H))
+    test = []
+    for i in range(samples_test):
+        number = samples_train + i + 1
+        if i in bad:
+            kind = kinds[int(rng.integers(len(kinds)))]
+            defects = [kind] * int(rng.integers(1, 3))
+            images, masks, H = render(rng, defects)
+            if not masks:  # cannot happen: C1 sees the whole object; guard the invariant
+                raise RuntimeError(f"{name} sample {number}: the defect is visible in no view")
+            test.append(SyntheticSample(number, codes[kind], images, masks, defects, H))
+        else:
+            images, _, H = render(rng, ())
+            test.append(SyntheticSample(number, "OK", images, homographies=H))
+    return train, test
+
+
 def generate_category(
     name: str,
     seed: int = 0,
@@ -624,26 +663,14 @@ def generate_category(
         )
     gen = SyntheticMultiView(name, image_size, None if isinstance(rig, str) else rig)
     rng = _category_rng(name, seed)
-    bad = anomalous_test_indices(rng, samples_test, anomaly_fraction)
-    kinds = list(DEFECT_CODES)
 
-    train = []
-    for i in range(samples_train):
-        images, _ = gen.render(rng)
-        train.append(SyntheticSample(number=i + 1, anomaly_class="OK", images=images))
-    test = []
-    for i in range(samples_test):
-        number = samples_train + i + 1
-        if i in bad:
-            kind = kinds[int(rng.integers(len(kinds)))]
-            defects = [kind] * int(rng.integers(1, 3))
-            images, masks = gen.render(rng, defects)
-            if not masks:  # cannot happen: C1 sees the whole object; guard the invariant
-                raise RuntimeError(f"{name} sample {number}: the defect is visible in no view")
-            test.append(SyntheticSample(number, DEFECT_CODES[kind], images, masks, defects))
-        else:
-            images, _ = gen.render(rng)
-            test.append(SyntheticSample(number=number, anomaly_class="OK", images=images))
+    def render(rng: np.random.Generator, defects: Sequence[str]):
+        images, masks = gen.render(rng, defects)
+        return images, masks, None
+
+    train, test = render_samples(
+        name, render, rng, samples_train, samples_test, anomaly_fraction, DEFECT_CODES
+    )
     return SyntheticCategory(name, image_size, train, test, gen.homographies())
 
 
