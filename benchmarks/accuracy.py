@@ -327,18 +327,19 @@ def main(argv: list[str] | None = None) -> int:
                 for name, metrics in evaluate_scoring(run, names).items():
                     row = table.setdefault(row_name(fit, name), {})
                     row.setdefault(category, {})[seed] = metrics
-            minutes = (time.perf_counter() - start) / 60
-            header = (
-                f"# Accuracy ablations ({args.rig} rig)\n\n`{command}` on {cpu_model()}, "
-                f"config `{args.config}` + `{' '.join(extra)}`, {scale} scale, categories "
-                f"{categories}, seeds {seeds}; this invocation took {minutes:.1f} min so far."
-            )
-            text = markdown(table, categories, seeds, header)
-            if FINDINGS.is_file() and args.rig == "simple":
-                text += "\n" + FINDINGS.read_text()
-            stem.with_suffix(".md").write_text(text)
-            stem.with_suffix(".json").write_text(json.dumps({"header": header, "table": table}))
-            bar_chart(table, stem.with_suffix(".png"))
+                # Rewritten after every run, so an interrupted table keeps what finished.
+                minutes = (time.perf_counter() - start) / 60
+                header = (
+                    f"# Accuracy ablations ({args.rig} rig)\n\n`{command}` on {cpu_model()}, "
+                    f"config `{args.config}` + `{' '.join(extra)}`, {scale} scale, categories "
+                    f"{categories}, seeds {seeds}; this invocation took {minutes:.1f} min so far."
+                )
+                text = markdown(table, categories, seeds, header)
+                if FINDINGS.is_file() and args.rig == "simple":
+                    text += "\n" + FINDINGS.read_text()
+                stem.with_suffix(".md").write_text(text)
+                stem.with_suffix(".json").write_text(json.dumps({"header": header, "table": table}))
+                bar_chart(table, stem.with_suffix(".png"))
     print(markdown(table, categories, seeds, header))
     return 0
 
