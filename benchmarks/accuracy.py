@@ -213,19 +213,16 @@ def _cell(values: list[float]) -> str:
 
 def markdown(table: Table, categories: list[str], seeds: list[int], header: str) -> str:
     keys = (*SHOWN, *DECISIONS)
-    lines = [header, "", "Mean over the categories (± half the range over seeds):", ""]
-    lines.append("| row | " + " | ".join(keys) + " |")
-    lines.append("|---|" + "---|" * len(keys))
+    lines = [header, "", "Mean over the categories a row has run on (± half the range over seeds):"]
+    lines += ["", "| row | categories | " + " | ".join(keys) + " |"]
+    lines.append("|---|---|" + "---|" * len(keys))
     for row, per_cat in table.items():
+        done = [c for c in categories if all(s in per_cat.get(c, {}) for s in seeds)]
         cells = []
         for key in keys:
-            per_seed = [
-                np.mean([per_cat[c][s].get(key, np.nan) for c in categories])
-                for s in seeds
-                if all(s in per_cat.get(c, {}) for c in categories)
-            ]
-            cells.append(_cell(per_seed))
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            per_seed = [np.mean([per_cat[c][s].get(key, np.nan) for c in done]) for s in seeds]
+            cells.append(_cell(per_seed) if done else "-")
+        lines.append(f"| {row} | {len(done)} of {len(categories)} | " + " | ".join(cells) + " |")
     for key in ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro"):
         lines += ["", f"Per category, {key} (mean ± half the range over seeds):", ""]
         lines.append("| row | " + " | ".join(categories) + " |")

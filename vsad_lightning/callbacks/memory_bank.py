@@ -163,21 +163,15 @@ class MemoryBankCallback(L.Callback):
         self._homographies.append(batch.homographies.float().cpu())
         self._neighbour_mask = batch.neighbour_mask.cpu()
 
-    def _normal_homographies(self, trainer: L.Trainer, pl_module, streaming: bool) -> Tensor:
-        """``(N, V, V, 3, 3)`` homographies of every training normal, in the bank's sample
-        order: rank order of the strided shards for the in-memory build (its rows are
-        gathered that way), the unsharded loader's order for the streaming build."""
+    def _normal_homographies(self, trainer: L.Trainer, pl_module) -> Tensor:
+        """``(N, V, V, 3, 3)`` homographies of every training normal, in the unsharded
+        loader's order (each rank saw the strided shard ``rank, rank + world, ...``)."""
         local = torch.cat(self._homographies)
         if trainer.world_size == 1:
             return local
         shape = local.shape[1:]
         gathered = _gather_rows(pl_module, local.flatten(1).to(pl_module.device)).cpu()
-        gathered = gathered.view(-1, *shape)
-        if not streaming:
-            return gathered
-        total, world = gathered.shape[0], trainer.world_size
-        order = torch.cat([torch.arange(r, total, world) for r in range(world)])
-        return gathered[torch.argsort(order)]
+        return gathered.view(-1, *shape)[_loader_order(gathered.shape[0], trainer.world_size)]
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.build_info = {
@@ -215,7 +209,7 @@ class MemoryBankCallback(L.Callback):
                     str(level): rows for level, rows in builder.total_rows.items()
                 }
                 self._kept = dict(builder.kept)
-            homographies = self._normal_homographies(trainer, pl_module, self.streaming)
+            homographies = self._normal_homographies(trainer, pl_module)
             self.calibrate(trainer, pl_module, features, builder, homographies)
         finally:
             if builder is not None:
@@ -304,8 +298,11 @@ class MemoryBankCallback(L.Callback):
             shape = maps.shape[1:]
             gathered = _gather_rows(pl_module, maps.flatten(1).contiguous())
             # Rank r scored samples r, r + world, ...: back to sample order on every rank.
-            order = torch.cat([torch.arange(r, total, world) for r in range(world)])
-            maps = gathered[torch.argsort(order).to(gathered.device)].view(-1, *shape)
+            maps = gathered[_loader_order(total, world).to(gathered.device)].view(-1, *shape)
+        if world > 1 and builder is None:
+            # The in-memory bank holds the samples in rank order; the calibration stores the
+            # normals in the loader's order, as one process and the streaming build do.
+            maps = maps[_loader_order(total, world).to(maps.device)]
         if homographies is not None and homographies.shape[0] != total:
             raise RuntimeError(
                 f"calibration: {homographies.shape[0]} homographies for {total} training normals"
@@ -348,6 +345,12 @@ def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
     )
+
+
+def _loader_order(total: int, world: int) -> Tensor:
+    """Indices that put rank-ordered samples (rank 0's ``0, world, ...``, then rank 1's ``1,
+    world + 1, ...``) back in the loader's order ``0, 1, 2, ...``."""
+    return torch.argsort(torch.cat([torch.arange(r, total, world) for r in range(world)]))
 
 
 def _gather_rows(pl_module, rows: Tensor) -> Tensor:
