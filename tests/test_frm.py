@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsad_lightning.geometry.projection import neighbour_mask
-from vsad_lightning.models.frm import FRM, consistency_loss, pixel_to_grid_sample
+from vsad_lightning.geometry.projection import neighbour_mask, pixel_to_grid_sample
+from vsad_lightning.models.frm import FRM, consistency_loss
 
 
 def translation(tx: float, ty: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -63,6 +64,56 @@ def pixel_centre_grid(width: int, height: int, *, dtype=torch.float32, device=No
         indexing="ij",
     )
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+
+
+def pixel_to_grid_sample(coords: Tensor, width: int, height: int) -> Tensor:
+    """Pixel-centre coordinates ``(..., 2)`` -> ``grid_sample`` coordinates in ``[-1, 1]``.
+
+    With ``align_corners=False``, ``-1`` and ``+1`` are the outer edges of the map, so pixel
+    ``i``'s centre ``i + 0.5`` maps to ``2 (i + 0.5) / w - 1``: ``c -> 2c / w - 1`` exactly.
+    """
+    size = torch.tensor([width, height], dtype=coords.dtype, device=coords.device)
+    return 2.0 * coords / size - 1.0
+
+
+def sample_through(
+    maps: Tensor,
+    homographies: Tensor,
+    *,
+    padding_mode: str = "zeros",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Sample ``maps`` at the images of the pixel centres under ``homographies``.
+
+    ``out[n](p) = maps[n](H[n] p)`` (bilinear, ``align_corners=False``): the one warp that
+    MVAM's consistency loss, cross-view fusion and registration share.
+
+    Args:
+        maps: ``(N, C, h, w)``.
+        homographies: ``(N, 3, 3)``, from the output's pixel centres into ``maps``' (same size).
+        padding_mode: ``grid_sample``'s, for the half-pixel band at the map's edge.
+        dtype: precision of the projection (float64 keeps sub-pixel accuracy on large maps).
+
+    Returns:
+        ``(sampled, valid)``: ``(N, C, h, w)`` float32, and ``(N, h, w)`` bool, True where the
+        projection lies inside the map (``0 <= x <= w``, ``0 <= y <= h``) with ``w_hom > 0``.
+    """
+    N, C, h, w = maps.shape
+    centres = pixel_centre_grid(w, h, dtype=dtype, device=maps.device)
+    projected, w_hom = project_points(homographies.to(maps.device, dtype), centres)
+    projected = torch.nan_to_num(projected, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    x, y = projected[..., 0], projected[..., 1]
+    valid = (w_hom > 0) & (x >= 0) & (x <= w) & (y >= 0) & (y <= h)
+    # Invalid points are masked by the caller; clamping keeps grid_sample's input tame.
+    grid = pixel_to_grid_sample(projected, w, h).clamp(-2.0, 2.0).float()
+    sampled = F.grid_sample(
+        maps.float(),
+        grid.reshape(N, h, w, 2),
+        mode="bilinear",
+        padding_mode=padding_mode,
+        align_corners=False,
+    )
+    return sampled, valid.view(N, h, w)
 
 
 def from_opencv_convention(H_cv: Tensor) -> Tensor:

@@ -11,10 +11,9 @@ with the original images and masks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vsad_lightning.geometry.projection import pixel_centre_grid, project_points
+from vsad_lightning.geometry.projection import sample_through
 
 
 def registered_homographies(homographies: Tensor, registration: Tensor) -> Tensor:
@@ -56,19 +55,13 @@ def maps_to_original(maps: Tensor, registration: Tensor) -> Tensor:
             f"registration must be (B, V, 3, 3) = {(B, V, 3, 3)} for maps {tuple(maps.shape)}, "
             f"got {tuple(registration.shape)}"
         )
-    centres = pixel_centre_grid(W, H, dtype=torch.float64, device=maps.device)
-    projected, _ = project_points(registration.to(maps.device, torch.float64), centres)
-    # align_corners=False puts -1 and +1 on the map's outer edges: centre c -> 2c / size - 1.
-    size = torch.tensor([W, H], dtype=torch.float64, device=maps.device)
-    grid = (2.0 * projected / size - 1.0).clamp(-2.0, 2.0).float()
-    source = maps.float() if maps.dtype == torch.bool else maps
-    warped = F.grid_sample(
-        source.reshape(B * V, C, H, W).float(),
-        grid.reshape(B * V, H, W, 2),
-        mode="bilinear",
+    warped, _ = sample_through(
+        maps.reshape(B * V, C, H, W),
+        registration.reshape(B * V, 3, 3),
         padding_mode="border",
-        align_corners=False,
-    ).view(B, V, C, H, W)
+        dtype=torch.float64,
+    )
+    warped = warped.view(B, V, C, H, W)
     if maps.dtype == torch.bool:
         return warped >= 0.5
     return warped.to(maps.dtype)

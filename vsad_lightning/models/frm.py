@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vsad_lightning.geometry.projection import pixel_centre_grid, project_points
+from vsad_lightning.geometry.projection import sample_through
 
 
 class FRM(nn.Module):
@@ -62,16 +62,6 @@ class FRM(nn.Module):
         return x + update
 
 
-def pixel_to_grid_sample(coords: Tensor, width: int, height: int) -> Tensor:
-    """Pixel-centre coordinates ``(..., 2)`` → ``grid_sample`` coordinates in ``[-1, 1]``.
-
-    With ``align_corners=False``, ``-1`` and ``+1`` are the outer edges of the map, so pixel
-    ``i``'s centre ``i + 0.5`` maps to ``2 (i + 0.5) / w − 1``: ``c ↦ 2c / w − 1`` exactly.
-    """
-    size = torch.tensor([width, height], dtype=coords.dtype, device=coords.device)
-    return 2.0 * coords / size - 1.0
-
-
 def consistency_loss(features: Tensor, homographies: Tensor, neighbour_mask: Tensor) -> Tensor:
     """``L_r`` at one level (docs/method.md#consistency-loss), all ordered neighbour pairs at once.
 
@@ -108,21 +98,13 @@ def consistency_loss(features: Tensor, homographies: Tensor, neighbour_mask: Ten
         feats = features.float()
         if P == 0:
             return feats.sum() * 0.0
-        with torch.no_grad():
-            centres = pixel_centre_grid(w, h, device=device)  # (N, 2)
-            projected, w_hom = project_points(homographies.float()[:, src, dst], centres)
-            projected = torch.nan_to_num(projected, nan=-1.0, posinf=-1.0, neginf=-1.0)
-            x, y = projected[..., 0], projected[..., 1]
-            valid = (w_hom > 0) & (x >= 0) & (x <= w) & (y >= 0) & (y <= h)  # (B, P, N)
-            # Invalid points are masked below; clamping keeps grid_sample's input tame.
-            grid = pixel_to_grid_sample(projected, w, h).clamp(-2.0, 2.0)
-        target = F.grid_sample(
+        sampled, valid = sample_through(
             feats[:, dst].reshape(B * P, C, h, w),
-            grid.reshape(B * P, h, w, 2),
-            mode="bilinear",
+            homographies[:, src, dst].reshape(B * P, 3, 3),
             padding_mode="border",
-            align_corners=False,
-        ).view(B, P, C, h * w)
+        )
+        target = sampled.view(B, P, C, h * w)
+        valid = valid.view(B, P, h * w)
         anchor = feats[:, src].reshape(B, P, C, h * w)
         diff = F.normalize(anchor, dim=2) - F.normalize(target, dim=2)
         squared = diff.pow(2).sum(dim=2)  # (B, P, N)

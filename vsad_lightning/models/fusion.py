@@ -23,10 +23,9 @@ position and view); raw distances of different cameras have different scales.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vsad_lightning.geometry.projection import pixel_centre_grid, project_points
+from vsad_lightning.geometry.projection import sample_through
 
 
 def neighbour_pairs(neighbour_mask: Tensor) -> Tensor:
@@ -56,20 +55,10 @@ def sample_through_homographies(
     B, V, C, h, w = maps.shape
     P = pairs.shape[0]
     src, dst = pairs[:, 0], pairs[:, 1]
-    centres = pixel_centre_grid(w, h, device=maps.device)  # (h*w, 2)
-    projected, w_hom = project_points(homographies.float()[:, src, dst], centres)
-    projected = torch.nan_to_num(projected, nan=-1.0, posinf=-1.0, neginf=-1.0)
-    x, y = projected[..., 0], projected[..., 1]
-    valid = (w_hom > 0) & (x >= 0) & (x <= w) & (y >= 0) & (y <= h)  # (B, P, h*w)
-    # align_corners=False puts -1 and +1 on the map's outer edges: centre c -> 2c / size - 1.
-    size = torch.tensor([w, h], dtype=projected.dtype, device=maps.device)
-    grid = (2.0 * projected / size - 1.0).clamp(-2.0, 2.0)  # invalid points are masked anyway
-    sampled = F.grid_sample(
-        maps[:, dst].reshape(B * P, C, h, w).float(),
-        grid.reshape(B * P, h, w, 2),
-        mode="bilinear",
+    sampled, valid = sample_through(
+        maps[:, dst].reshape(B * P, C, h, w),
+        homographies[:, src, dst].reshape(B * P, 3, 3),
         padding_mode=padding_mode,
-        align_corners=False,
     )
     return sampled.view(B, P, C, h, w), valid.view(B, P, h, w)
 
