@@ -272,7 +272,7 @@ def _match(
     return src.points[keep], dst.points[train[keep]], is_mutual[keep]
 
 
-def _apply(H: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def project_points(H: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(projected (N, 2), w (N,))`` of ``points`` under ``H`` (float64, any convention)."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     mapped = points @ H[:, :2].T + H[:, 2]
@@ -281,7 +281,7 @@ def _apply(H: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mapped[:, :2] / safe_w[:, None], w
 
 
-def _normalise(H: np.ndarray) -> np.ndarray:
+def normalise_homography(H: np.ndarray) -> np.ndarray:
     """Scale ``H`` so that ``H[2, 2] == 1`` (or unit Frobenius norm when ``H[2, 2]`` ~ 0)."""
     scale = H[2, 2] if abs(H[2, 2]) > 1e-12 else np.linalg.norm(H)
     return H / scale
@@ -302,8 +302,8 @@ def transfer_error(H_est, H_true, points) -> np.ndarray:
     H_true = np.asarray(H_true, dtype=np.float64)
     if H_est.shape != (3, 3) or H_true.shape != (3, 3):
         raise ValueError(f"expected 3x3 homographies, got {H_est.shape} and {H_true.shape}")
-    est, _ = _apply(H_est, points)
-    true, _ = _apply(H_true, points)
+    est, _ = project_points(H_est, points)
+    true, _ = project_points(H_true, points)
     return np.linalg.norm(est - true, axis=1)
 
 
@@ -354,8 +354,8 @@ def _verdict(
     """
     if H_cv is None or not np.all(np.isfinite(H_cv)) or len(src_points) == 0:
         return _unreliable(), "no fit"
-    H_cv = _normalise(H_cv)
-    projected, w = _apply(H_cv, src_points)
+    H_cv = normalise_homography(H_cv)
+    projected, w = project_points(H_cv, src_points)
     residual = np.linalg.norm(projected - dst_points.astype(np.float64), axis=1)
     inlier = (w > 0) & (residual < settings.ransac_threshold_px)
     count = int(inlier.sum())
@@ -387,7 +387,7 @@ def _verdict(
         )
     H_pc = from_opencv_convention(torch.from_numpy(H_cv)).numpy()
     estimate = PairEstimate(
-        H=_normalise(H_pc).tolist(),
+        H=normalise_homography(H_pc).tolist(),
         inliers=count,
         inlier_ratio=float(ratio),
         reproj_error_px=error,
@@ -437,9 +437,9 @@ def _rival_support(
     rival = _robust_fit(src, dst, settings, None if mutual is None else mutual[rest])
     if rival is None:
         return 0
-    projected, w = _apply(rival, src)
+    projected, w = project_points(rival, src)
     rival_inlier = (w > 0) & (np.linalg.norm(projected - dst, axis=1) < threshold)
-    ours, _ = _apply(H_cv, src)
+    ours, _ = project_points(H_cv, src)
     apart = np.linalg.norm(ours - projected, axis=1) > 2 * threshold
     candidates = src[rival_inlier & apart]
     support = src_points[inlier].astype(np.float64)
@@ -485,7 +485,7 @@ class _Settings:
             raise ValueError(f"rival_margin must be at least 1, got {self.rival_margin}")
 
 
-def _polish(
+def polish_on_inliers(
     H_cv: np.ndarray, src_points: np.ndarray, dst_points: np.ndarray, threshold_px: float
 ) -> tuple[np.ndarray, int]:
     """Least squares on the matches within ``threshold_px``, repeated until the set is stable.
@@ -494,7 +494,7 @@ def _polish(
     """
     support = None
     for _ in range(_POLISH_ITERATIONS):
-        projected, w = _apply(H_cv, src_points)
+        projected, w = project_points(H_cv, src_points)
         residual = np.linalg.norm(projected - dst_points, axis=1)
         new_support = (w > 0) & (residual < threshold_px)
         if int(new_support.sum()) < 4 or (support is not None and (new_support == support).all()):
@@ -505,7 +505,7 @@ def _polish(
         if refit is None or not np.all(np.isfinite(refit)):
             break
         H_cv = refit
-    projected, w = _apply(H_cv, src_points)
+    projected, w = project_points(H_cv, src_points)
     residual = np.linalg.norm(projected - dst_points, axis=1)
     return H_cv, int(((w > 0) & (residual < threshold_px)).sum())
 
@@ -548,7 +548,7 @@ def _robust_fit(
         H_cv = _magsac(proposal_src, proposal_dst, threshold)
         if H_cv is None:
             continue
-        H_cv, support = _polish(H_cv, src, dst, settings.refine_threshold_px)
+        H_cv, support = polish_on_inliers(H_cv, src, dst, settings.refine_threshold_px)
         rank = (_is_sound(H_cv, src, dst, settings.ransac_threshold_px), support)
         if rank > best_rank:
             best, best_rank = H_cv, rank
@@ -557,8 +557,8 @@ def _robust_fit(
 
 def _is_sound(H_cv: np.ndarray, src: np.ndarray, dst: np.ndarray, threshold_px: float) -> bool:
     """Not degenerate at its inliers (see ``_verdict``: no mirror, bounded area change)."""
-    H_cv = _normalise(H_cv)
-    projected, w = _apply(H_cv, src)
+    H_cv = normalise_homography(H_cv)
+    projected, w = project_points(H_cv, src)
     inlier = (w > 0) & (np.linalg.norm(projected - dst, axis=1) < threshold_px)
     det = float(np.linalg.det(H_cv))
     if not inlier.any() or not math.isfinite(det) or abs(det) < 1e-12:
@@ -675,7 +675,7 @@ def inverse_discrepancy_px(
     grid = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2)
     distances = []
     for forward, backward in ((H_uv, H_vu), (H_vu, H_uv)):
-        mapped, w = _apply(forward, grid)
+        mapped, w = project_points(forward, grid)
         inside = (
             (w > 0)
             & (mapped[:, 0] >= 0)
@@ -807,7 +807,7 @@ def estimate_homographies(
         )
         # Both directions' matches are evidence for one homography: polish the kept fit on
         # their union (the reverse matches swapped), which matters where inliers are few.
-        joint, _ = _polish(
+        joint, _ = polish_on_inliers(
             best.H_cv,
             np.concatenate([best.src_points, other.dst_points]).astype(np.float64),
             np.concatenate([best.dst_points, other.src_points]).astype(np.float64),
@@ -837,7 +837,7 @@ def estimate_homographies(
             )
             continue
         # The stored reverse H is the exact inverse of the stored forward H.
-        inverse.H = _normalise(np.linalg.inv(np.asarray(best.estimate.H))).tolist()
+        inverse.H = normalise_homography(np.linalg.inv(np.asarray(best.estimate.H))).tolist()
         pairs[key_best] = best.estimate
         pairs[key_other] = inverse
         report(

@@ -60,10 +60,10 @@ from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.estimation import (
     DEFAULT_MAX_KEYPOINTS,
     ImageFeatures,
-    _apply,
-    _normalise,
-    _polish,
     detect_features,
+    normalise_homography,
+    polish_on_inliers,
+    project_points,
     to_gray,
 )
 from vsad_lightning.geometry.projection import neighbour_mask, scale_homography
@@ -184,7 +184,7 @@ def _to_cv(H: np.ndarray) -> np.ndarray:
 
 def _from_cv(H_cv: np.ndarray) -> np.ndarray:
     """OpenCV -> pixel-centre convention (``from_opencv_convention`` in numpy)."""
-    return _normalise(_T @ H_cv @ _T_INV)
+    return normalise_homography(_T @ H_cv @ _T_INV)
 
 
 def _at_level(H: np.ndarray, level: int) -> np.ndarray:
@@ -201,7 +201,7 @@ def _from_level(H_cv: np.ndarray, level: int) -> np.ndarray:
     """Inverse of :func:`_at_level`."""
     s = 0.5**level
     S, S_inv = np.diag([s, s, 1.0]), np.diag([1 / s, 1 / s, 1.0])
-    return _normalise(S_inv @ _from_cv(H_cv) @ S)
+    return normalise_homography(S_inv @ _from_cv(H_cv) @ S)
 
 
 # ------------------------------------------------------------------------ per-view data
@@ -304,7 +304,7 @@ def guided_matches(
     empty = np.zeros((0, 2), dtype=np.float32)
     if len(src) == 0 or len(dst) == 0:
         return empty, empty.copy()
-    predicted, w = _apply(H_prior_cv, src.points)
+    predicted, w = project_points(H_prior_cv, src.points)
     rows, cols = _pairs_within(predicted, dst.points.astype(np.float64), gate_px)
     keep = w[rows] > 0
     rows, cols = rows[keep], cols[keep]
@@ -332,8 +332,8 @@ def fit_matches(
     """The homography of prior-consistent matches (OpenCV convention in, pixel-centre out).
 
     One MAGSAC++ fit at ``threshold_px``, then least squares on the matches within
-    ``min(1, threshold_px)`` px until that set is stable (``estimation._polish``). The gate has
-    already removed almost every outlier, so the category estimator's threshold ladder
+    ``min(1, threshold_px)`` px until that set is stable (``estimation.polish_on_inliers``).
+    The gate has already removed almost every outlier, so the category estimator's threshold ladder
     (``estimation._robust_fit``) buys nothing here: on 48 development pairs (the simple rig
     with tilted part planes) it cost 9x the time for the same accuracy (median 0.16 px both).
     ``None`` below ``min_inliers``.
@@ -346,7 +346,7 @@ def fit_matches(
     if H_cv is None or H_cv.shape != (3, 3) or not np.all(np.isfinite(H_cv)):
         return None
     polish_px = min(1.0, threshold_px)
-    H_cv, support = _polish(
+    H_cv, support = polish_on_inliers(
         H_cv.astype(np.float64),
         src_points.astype(np.float64),
         dst_points.astype(np.float64),
@@ -474,7 +474,7 @@ def refine_homography(
     levels = len(pixels)
     if len(iterations) != levels:
         raise ValueError(f"expected {levels} iteration counts (one per octave), got {iterations}")
-    H = _normalise(np.asarray(H_init, dtype=np.float64))
+    H = normalise_homography(np.asarray(H_init, dtype=np.float64))
     last_step = math.inf
     for level, budget in zip(reversed(range(levels)), iterations, strict=True):
         xs, ys = pixels[level]
@@ -534,7 +534,7 @@ def refine_homography(
             H = _from_level(H_cv @ step, level)
             if not np.all(np.isfinite(H)):
                 return None
-            moved, _ = _apply(step, corners)
+            moved, _ = project_points(step, corners)
             last_step = float(np.abs(moved - corners).max())
             if last_step < _CONVERGED_PX * scale:
                 break
@@ -555,12 +555,12 @@ def deviation_px(H: np.ndarray, H_ref: np.ndarray, image_size: tuple[int, int]) 
     xs = (np.arange(_DEVIATION_GRID) + 0.5) * W / _DEVIATION_GRID
     ys = (np.arange(_DEVIATION_GRID) + 0.5) * Hh / _DEVIATION_GRID
     grid = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2)
-    ref, w_ref = _apply(H_ref, grid)
+    ref, w_ref = project_points(H_ref, grid)
     inside = (w_ref > 0) & (ref[:, 0] >= 0) & (ref[:, 0] <= W) & (ref[:, 1] >= 0)
     inside &= ref[:, 1] <= Hh
     if not inside.any():
         return math.inf
-    est, w = _apply(H, grid[inside])
+    est, w = project_points(H, grid[inside])
     if np.any(w <= 0) or np.linalg.det(H) * np.linalg.det(H_ref) <= 0:
         return math.inf
     return float(np.linalg.norm(est - ref[inside], axis=1).mean())
@@ -785,7 +785,7 @@ def estimate_sample_homographies(
 
     def prior_at_size(src: str, dst: str) -> np.ndarray:
         H = torch.tensor(prior.pairs[HomographyCache.pair_key(src, dst)].H, dtype=torch.float64)
-        return _normalise(scale_homography(H, tuple(prior.image_size), size).numpy())
+        return normalise_homography(scale_homography(H, tuple(prior.image_size), size).numpy())
 
     options = dict(
         scale=scale,
@@ -802,7 +802,7 @@ def estimate_sample_homographies(
     def store(src: str, dst: str, result: _PairResult) -> None:
         out.H[HomographyCache.pair_key(src, dst)] = result.H
         out.status[HomographyCache.pair_key(src, dst)] = result.status
-        out.H[HomographyCache.pair_key(dst, src)] = _normalise(np.linalg.inv(result.H))
+        out.H[HomographyCache.pair_key(dst, src)] = normalise_homography(np.linalg.inv(result.H))
         out.status[HomographyCache.pair_key(dst, src)] = result.status
 
     for src, dst in direct:
@@ -815,9 +815,9 @@ def estimate_sample_homographies(
             continue
         # Plane-induced homographies compose: H(s->d) = H(b->d) H(s->b), for the category's
         # (the prior of the checks) and for the sample's own (the starting point).
-        H_prior = _normalise(prior_at_size(bridge, dst) @ prior_at_size(src, bridge))
+        H_prior = normalise_homography(prior_at_size(bridge, dst) @ prior_at_size(src, bridge))
         key_in, key_out = (HomographyCache.pair_key(*p) for p in ((src, bridge), (bridge, dst)))
-        composed = _PairResult(_normalise(out.H[key_out] @ out.H[key_in]), "composed")
+        composed = _PairResult(normalise_homography(out.H[key_out] @ out.H[key_in]), "composed")
         result = _estimate_pair(
             prepared[src], prepared[dst], H_prior, size, match=False, start_from=composed, **options
         )
