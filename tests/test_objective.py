@@ -153,6 +153,14 @@ def test_v_prediction_schedulers_train_on_the_velocity(setup):
     velocity = scheduler.get_velocity(latents, noise, t)
     torch.testing.assert_close(out.denoising_loss, F.mse_loss(seen["pred"], velocity.flatten(0, 1)))
 
+    # prediction_type "sample": the target is the clean latent z_0 itself.
     sample = DDPMScheduler.from_config(backbone.scheduler.config, prediction_type="sample")
+    handle = model.unet.register_forward_hook(record_output)
+    try:
+        out = run(setup, seed=0, scheduler=sample)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out.denoising_loss, F.mse_loss(seen["pred"], latents.flatten(0, 1)))
+    flow = DDPMScheduler.from_config(backbone.scheduler.config, prediction_type="flow")
     with pytest.raises(ValueError, match="prediction_type"):
-        run(setup, scheduler=sample)
+        run(setup, scheduler=flow)

@@ -4,8 +4,9 @@
   denoised at the same noise level, so MVAM aligns features of equal noise).
 - ``ε ~ N(0, I)``, ``z_t = scheduler.add_noise(z_0, ε, t)``.
 - ``L_d = MSE(ε̂, ε)``. A scheduler with ``prediction_type="v_prediction"`` trains the U-Net on
-  its own target ``v`` (``scheduler.get_velocity``) instead; SD2 base and the tiny backbone
-  predict ``ε``.
+  its own target ``v`` (``scheduler.get_velocity``) instead, and ``"sample"`` on ``z_0``; SD2
+  base and the tiny backbone predict ``ε``. The inversion (``models.features.to_epsilon``)
+  reads the output with the same type.
 - ``L_r``: the mean over feature levels of ``consistency_loss`` on the features captured after
   FRM in the same forward pass (docs/method.md#consistency-loss).
 """
@@ -93,9 +94,11 @@ def diffusion_objective(
         target = noise
     elif prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
+    elif prediction_type == "sample":
+        target = latents
     else:
         raise ValueError(
-            f"diffusion_objective supports prediction_type epsilon or v_prediction, got "
+            f"diffusion_objective supports prediction_type epsilon, v_prediction or sample, got "
             f"{prediction_type!r}"
         )
     denoising = F.mse_loss(out.noise_pred.float(), target.float())

@@ -489,6 +489,7 @@ class VSADModule(L.LightningModule):
             batch.image_size,
             batch.neighbour_mask,
             self.noise_scheduler.alphas_cumprod,
+            self.noise_scheduler.config.prediction_type,  # what the U-Net predicts
         )
         if self.hparams.latent_weight > 0:
             features[LATENT_LEVEL] = latents
