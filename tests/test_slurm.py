@@ -125,6 +125,27 @@ def test_array_job_trains_every_category_and_the_chained_report_aggregates(
     assert sorted(r["category"] for r in report["rows"]) == CATEGORIES
 
 
+def test_submit_refuses_an_array_no_node_can_start_and_says_which_request(cluster, tmp_path):
+    # The test node has nproc CPUs; asking for more per task leaves the array pending forever
+    # (reason PartitionConfig) unless submit.sh looks.
+    categories = tmp_path / "categories.txt"
+    categories.write_text("brick\n")
+    too_many = cluster.cpus + 6
+    env = job_env(tmp_path / "runs", "--data.root /nowhere")
+    env["VSAD_SBATCH_ARGS"] = f"--gres=none --cpus-per-task={too_many} --time=30"
+    proc = cluster.run(
+        str(REPO / "slurm" / "submit.sh"), str(DEMO_CONFIG), str(categories), env=env, check=False
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "can never start (pending, reason PartitionConfig)" in line, line
+    assert f"asks for {too_many} CPUs on one node (--cpus-per-task={too_many})" in line, line
+    assert f"largest node of partition test has {cluster.cpus}" in line, line
+    fit_job = line.split("fit array job ")[1].split()[0]
+    report_job = line.split("report job ")[1].split()[0]
+    assert cluster.run("squeue", "-h", "-j", f"{fit_job},{report_job}", check=False).stdout == ""
+
+
 def test_two_task_srun_job_trains_with_ddp_world_size_two(cluster, data_root, tmp_path):
     run_root = tmp_path / "runs"
     env = job_env(
