@@ -101,3 +101,17 @@ def test_two_process_fit_and_test_give_one_process_metrics(
             assert same or got[key] == pytest.approx(value, rel=0, abs=1e-6), (label, key)
         # Every sample scored once, by one rank or the other.
         assert len(_scores(path.parent)) == 1 + 5 * n_test, label
+
+
+def test_fewer_samples_than_processes_is_refused_in_one_line(synthetic_root_cached):
+    """A process without a test sample would leave the others waiting for its metric states."""
+    from types import SimpleNamespace
+
+    from vsad_lightning.data.datamodule import MultiViewDataModule
+    from vsad_lightning.errors import DataError
+
+    data = MultiViewDataModule(str(synthetic_root_cached), "brick", resolution=64, image_size=64)
+    data.setup("test")
+    data.trainer = SimpleNamespace(world_size=len(data.test_set) + 1, global_rank=0)
+    with pytest.raises(DataError, match="8 samples to score on 9 processes"):
+        data.test_dataloader()

@@ -590,6 +590,13 @@ class MultiViewDataModule(L.LightningDataModule):
         sampler = None
         trainer = getattr(self, "trainer", None)
         if shard and trainer is not None:
+            if len(dataset) < trainer.world_size:
+                # A process without samples would skip the epoch's end, where the metric
+                # states are gathered, and leave the others waiting there.
+                raise DataError(
+                    f"{len(dataset)} samples to score on {trainer.world_size} processes: each "
+                    "process needs at least one; use fewer trainer.devices"
+                )
             sampler = ShardSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
             dataset,
