@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import socket
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _odd_test_split(root: Path) -> int:
     return len(samples) - 1
 
 
-def _run_ddp_safe(console_script, name: str, *args: str, devices: int):
+def _run_ddp_safe(console_script, name: str, *args: str, devices: int, last: str = "metrics: "):
     """Run a console script; under DDP with a ``MASTER_PORT`` the OS just gave out, and once
     more with another if the rendezvous lost that port to another process meanwhile."""
     extra = ["--trainer.devices", str(devices), "--trainer.strategy"]
@@ -58,7 +59,7 @@ def _run_ddp_safe(console_script, name: str, *args: str, devices: int):
         if proc.returncode == 0 or "EADDRINUSE" not in proc.stdout + proc.stderr:
             break
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return Path(proc.stdout.strip().splitlines()[-1].removeprefix("metrics: "))
+    return Path(proc.stdout.strip().splitlines()[-1].removeprefix(last))
 
 
 def _numbers(path: Path) -> dict[str, float]:
@@ -101,6 +102,23 @@ def test_two_process_fit_and_test_give_one_process_metrics(
             assert same or got[key] == pytest.approx(value, rel=0, abs=1e-6), (label, key)
         # Every sample scored once, by one rank or the other.
         assert len(_scores(path.parent)) == 1 + 5 * n_test, label
+
+    # vsad-predict on 2 processes: 3 samples, every one mapped and in scores.csv once.
+    folder = tmp_path / "new_parts"
+    for sample in sorted((root / "realiad_64" / "brick" / "OK").iterdir())[:3]:
+        (folder / sample.name).mkdir(parents=True)
+        for image in sample.glob("*.jpg"):  # brick_0001_OK_C3_<stamp>.jpg -> C3.jpg
+            shutil.copy(image, folder / sample.name / f"{image.stem.split('_')[3]}.jpg")
+    out = tmp_path / "predictions"
+    _run_ddp_safe(
+        console_script, "vsad-predict", *common, "--trainer.default_root_dir", str(tmp_path / "p2"),
+        "--ckpt_path", str(one.parent / "checkpoints" / "final.ckpt"),
+        "--data.predict_root", str(folder), "--output.dir", str(out), devices=2, last="scores: ",
+    )  # fmt: skip
+    rows = _scores(out)[1:]
+    samples = sorted(sample.name for sample in folder.iterdir())
+    assert [row[:2] for row in rows] == [[s, f"C{v}"] for s in samples for v in range(1, 6)]
+    assert sorted(p.stem for p in (out / "maps").glob("*.png")) == samples
 
 
 def test_fewer_samples_than_processes_is_refused_in_one_line(synthetic_root_cached):

@@ -214,8 +214,16 @@ def test_preempted_job_resumes_and_finishes_like_an_uninterrupted_one(cluster, d
     assert "restart 1" in log, log[-3000:]
     resumed = [line for line in log.splitlines() if line.startswith("resuming from ")]
     assert "Handling auto-requeue signal" in log, log[-3000:]
-    # SIGUSR1 came after step 4 (epoch 0's checkpoint): the hpc checkpoint is newer.
-    assert len(resumed) == 1 and resumed[0].endswith("/hpc_ckpt_1.ckpt"), log[-3000:]
+    # SIGUSR1 came after step 4 (epoch 0's checkpoint): Lightning wrote hpc_ckpt_1 and
+    # requeued; the requeue's SIGTERM then stopped the task at its next batch end, saving
+    # last.ckpt there (callbacks/preemption.py), one step or more after the hpc checkpoint.
+    # The task resumed from that newest checkpoint.
+    (stopped,) = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
+    step = int(stopped.split("at step ")[1].split(":")[0])
+    assert 4 < step < 8 and stopped.endswith("run the same command again to resume from there")
+    saved = stopped.split("saved ")[1].split(";")[0]
+    assert saved.endswith("/version_0/checkpoints/last.ckpt"), stopped
+    assert len(resumed) == 1 and resumed[0] == f"resuming from {saved}", log[-3000:]
     # The consumed preemption checkpoint is gone once the run finished.
     assert not list((tmp_path / "preempted" / "brick").glob("hpc_ckpt_*.ckpt"))
 
