@@ -42,13 +42,13 @@ def test_a_signal_only_raises_the_flag_inside_the_block_and_is_forgotten_after_i
 
 def _fit_command(root: Path, runs: Path, tiny_fit_args: list[str]) -> list[str]:
     # 8 normals in batches of 2 for 2 epochs: 8 steps. The bank is extracted one sample per
-    # batch with 8 inversion steps (9 U-Net passes of 5 views each), so it lasts several
+    # batch with 4 inversion steps (5 U-Net passes of 5 views each), so it lasts several
     # batches: the poll between them always has a batch to stop at.
     return [
         str(BIN / "vsad-fit"), *tiny_fit_args, "--data.root", str(root),
         "--data.category", "brick", "--trainer.default_root_dir", str(runs),
         "--data.batch_size", "2", "--trainer.max_epochs", "2", "--checkpoint_every_n_steps", "1",
-        "--data.eval_batch_size", "1", "--model.inversion_steps", "8",
+        "--data.eval_batch_size", "1", "--model.inversion_steps", "4",
     ]  # fmt: skip
 
 
