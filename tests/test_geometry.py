@@ -103,6 +103,27 @@ def test_cache_rejects_nan_and_singular_homographies(tmp_path, H, message):
     assert str(path) in str(info.value) and "C1->C2" in str(info.value)
 
 
+def test_cache_with_a_negated_homography_loads_as_the_same_homography(tmp_path):
+    # -H maps every point where H does, but its w is negative: left as is, the projection would
+    # call every point behind the camera and MVAM and L_r would see no neighbour.
+    H = _perspective()
+    obj = _cache(H.tolist()).to_json()
+    obj["pairs"]["C1->C2"]["H"] = (-H).tolist()
+    path = tmp_path / "negated.json"
+    path.write_text(json.dumps(obj))
+    loaded = HomographyCache.load(path).matrices()[0, 1].double()
+    torch.testing.assert_close(loaded, H, rtol=0, atol=1e-6)
+    points = pixel_centre_grid(128, 96, dtype=torch.float64)
+    _, w = project_points(loaded, points)
+    assert (w > 0).all()
+
+    # A pair that sends the source view's centre to infinity is refused by name.
+    obj["pairs"]["C1->C2"]["H"] = [[1, 0, 0], [0, 1, 0], [0.01, 0, -0.64]]  # w = 0 at x = 64
+    path.write_text(json.dumps(obj))
+    with pytest.raises(DataError, match="C1->C2.*centre of the source view to infinity"):
+        HomographyCache.load(path)
+
+
 def test_cache_names_a_missing_pair(tmp_path):
     obj = _cache(torch.eye(3).tolist()).to_json()
     del obj["pairs"]["C2->C1"]

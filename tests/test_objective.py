@@ -117,7 +117,9 @@ def test_lambda_r_weights_the_consistency_loss_and_its_gradient_trains_the_align
     heavy = run(setup, lambda_r=2.0)
     torch.testing.assert_close(plain.loss, plain.denoising_loss)
     torch.testing.assert_close(heavy.loss, heavy.denoising_loss + 2.0 * heavy.consistency_loss)
-    torch.testing.assert_close(heavy.consistency_loss, plain.consistency_loss)
+    torch.testing.assert_close(heavy.denoising_loss, plain.denoising_loss)
+    # lambda_r = 0 leaves L_r out altogether (what use_frm false asks for): reported as 0.
+    assert heavy.consistency_loss > 0 and float(plain.consistency_loss) == 0.0
 
     model.zero_grad()
     heavy.consistency_loss.backward()
@@ -153,6 +155,39 @@ def test_v_prediction_schedulers_train_on_the_velocity(setup):
     velocity = scheduler.get_velocity(latents, noise, t)
     torch.testing.assert_close(out.denoising_loss, F.mse_loss(seen["pred"], velocity.flatten(0, 1)))
 
+    # prediction_type "sample": the target is the clean latent z_0 itself.
     sample = DDPMScheduler.from_config(backbone.scheduler.config, prediction_type="sample")
+    handle = model.unet.register_forward_hook(record_output)
+    try:
+        out = run(setup, seed=0, scheduler=sample)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out.denoising_loss, F.mse_loss(seen["pred"], latents.flatten(0, 1)))
+    flow = DDPMScheduler.from_config(backbone.scheduler.config, prediction_type="flow")
     with pytest.raises(ValueError, match="prediction_type"):
-        run(setup, scheduler=sample)
+        run(setup, scheduler=flow)
+
+
+def test_frm_off_trains_on_the_denoising_loss_alone(synthetic_root_cached):
+    """L_r is FRM's loss: ``use_frm false`` drops it whatever ``lambda_r`` says, so the FRM
+    ablation does not keep FRM's loss on MVAM's outputs."""
+    import lightning as L
+
+    from vsad_lightning.data.datamodule import MultiViewDataModule
+    from vsad_lightning.system.module import VSADModule
+
+    data = MultiViewDataModule(str(synthetic_root_cached), "brick", resolution=64, image_size=64)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    outputs = {}
+    for use_frm in (True, False):
+        L.seed_everything(0, verbose=False)
+        module = VSADModule(image_size=64, attention_dim=16, num_heads=2, use_frm=use_frm)
+        outputs[use_frm] = module._objective(batch, torch.Generator().manual_seed(0))
+    with_frm, without = outputs[True], outputs[False]
+    assert with_frm.consistency_loss > 0
+    torch.testing.assert_close(
+        with_frm.loss, with_frm.denoising_loss + 0.1 * with_frm.consistency_loss
+    )
+    assert float(without.consistency_loss) == 0.0
+    torch.testing.assert_close(without.loss, without.denoising_loss, rtol=0, atol=0)

@@ -125,6 +125,27 @@ def test_array_job_trains_every_category_and_the_chained_report_aggregates(
     assert sorted(r["category"] for r in report["rows"]) == CATEGORIES
 
 
+def test_submit_refuses_an_array_no_node_can_start_and_says_which_request(cluster, tmp_path):
+    # The test node has nproc CPUs; asking for more per task leaves the array pending forever
+    # (reason PartitionConfig) unless submit.sh looks.
+    categories = tmp_path / "categories.txt"
+    categories.write_text("brick\n")
+    too_many = cluster.cpus + 6
+    env = job_env(tmp_path / "runs", "--data.root /nowhere")
+    env["VSAD_SBATCH_ARGS"] = f"--gres=none --cpus-per-task={too_many} --time=30"
+    proc = cluster.run(
+        str(REPO / "slurm" / "submit.sh"), str(DEMO_CONFIG), str(categories), env=env, check=False
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "can never start (pending, reason PartitionConfig)" in line, line
+    assert f"asks for {too_many} CPUs on one node (--cpus-per-task={too_many})" in line, line
+    assert f"largest node of partition test has {cluster.cpus}" in line, line
+    fit_job = line.split("fit array job ")[1].split()[0]
+    report_job = line.split("report job ")[1].split()[0]
+    assert cluster.run("squeue", "-h", "-j", f"{fit_job},{report_job}", check=False).stdout == ""
+
+
 def test_two_task_srun_job_trains_with_ddp_world_size_two(cluster, data_root, tmp_path):
     run_root = tmp_path / "runs"
     env = job_env(
@@ -193,8 +214,16 @@ def test_preempted_job_resumes_and_finishes_like_an_uninterrupted_one(cluster, d
     assert "restart 1" in log, log[-3000:]
     resumed = [line for line in log.splitlines() if line.startswith("resuming from ")]
     assert "Handling auto-requeue signal" in log, log[-3000:]
-    # SIGUSR1 came after step 4 (epoch 0's checkpoint): the hpc checkpoint is newer.
-    assert len(resumed) == 1 and resumed[0].endswith("/hpc_ckpt_1.ckpt"), log[-3000:]
+    # SIGUSR1 came after step 4 (epoch 0's checkpoint): Lightning wrote hpc_ckpt_1 and
+    # requeued; the requeue's SIGTERM then stopped the task at its next batch end, saving
+    # last.ckpt there (callbacks/preemption.py), one step or more after the hpc checkpoint.
+    # The task resumed from that newest checkpoint.
+    (stopped,) = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
+    step = int(stopped.split("at step ")[1].split(":")[0])
+    assert 4 < step < 8 and stopped.endswith("run the same command again to resume from there")
+    saved = stopped.split("saved ")[1].split(";")[0]
+    assert saved.endswith("/version_0/checkpoints/last.ckpt"), stopped
+    assert len(resumed) == 1 and resumed[0] == f"resuming from {saved}", log[-3000:]
     # The consumed preemption checkpoint is gone once the run finished.
     assert not list((tmp_path / "preempted" / "brick").glob("hpc_ckpt_*.ckpt"))
 

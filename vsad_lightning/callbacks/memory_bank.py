@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from vsad_lightning.callbacks.preemption import raise_if_stop_requested, stop_checked
 from vsad_lightning.models.bank_builder import StreamingBankBuilder
 from vsad_lightning.models.memory_bank import (
     flatten_features,
@@ -112,6 +113,7 @@ class MemoryBankCallback(L.Callback):
         pl_module.eval()
         chunks: dict[int, list[Tensor]] = {}
         for batch in loader:
+            raise_if_stop_requested(*_bank_stop(trainer))
             batch = batch.to(pl_module.device)
             self._record_geometry(batch)
             for level, feats in pl_module.extract_features(batch).items():
@@ -141,6 +143,7 @@ class MemoryBankCallback(L.Callback):
         pl_module.eval()
         try:
             for batch in loader:
+                raise_if_stop_requested(*_bank_stop(trainer))
                 batch = batch.to(pl_module.device)
                 self._record_geometry(batch)
                 for level, feats in pl_module.extract_features(batch).items():
@@ -173,7 +176,14 @@ class MemoryBankCallback(L.Callback):
         gathered = _gather_rows(pl_module, local.flatten(1).to(pl_module.device)).cpu()
         return gathered.view(-1, *shape)[_loader_order(gathered.shape[0], trainer.world_size)]
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        # A run resumed from a checkpoint written at the end of training (stopped or killed
+        # while the bank was built) skips the fit loop, and with it on_train_end: build here.
+        if not pl_module.memory_bank.is_built():
+            self.on_train_end(trainer, pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        rank_zero_info("memory bank: extracting the training normals' features")
         self.build_info = {
             "world_size": trainer.world_size,
             "coreset_ratio": self.coreset_ratio,
@@ -293,6 +303,7 @@ class MemoryBankCallback(L.Callback):
             return
         started = time.perf_counter()
         samples = torch.arange(rank, total, world)
+        features_of = stop_checked(features_of, *_bank_stop(trainer))  # per chunk
         maps = pl_module.leave_one_out_maps(samples, features_of, self.image_size, row_samples)
         if world > 1:
             shape = maps.shape[1:]
@@ -330,6 +341,17 @@ class MemoryBankCallback(L.Callback):
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
             return trainer.checkpoint_callback.dirpath
         return str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+
+
+def _bank_stop(trainer: L.Trainer) -> tuple[str, str]:
+    """What ``raise_if_stop_requested`` says when a stop signal ends the bank's build."""
+    last = Path(MemoryBankCallback._checkpoint_dir(trainer)) / "last.ckpt"
+    then = (
+        f"training is complete in {last}; run the same command again to build the bank and test"
+        if last.is_file()
+        else "no checkpoint of the trained model was written; the run must be repeated"
+    )
+    return "while building the memory bank", then
 
 
 def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:

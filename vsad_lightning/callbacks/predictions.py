@@ -114,7 +114,15 @@ class PredictionWriter(L.Callback):
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         self.csv_path = self.dir / "scores.csv"
-        _write_csv(self.csv_path, list(SCORE_COLUMNS), self._rows)
+        rows = self._rows
+        # Under DDP each rank scored its own shard: gather every rank's rows, rank 0 writes
+        # them all, in sample order (views keep theirs), as TestScoresWriter does.
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            everyone: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, rows)
+            rows = sorted((row for part in everyone for row in part), key=lambda row: row[0])
+        if trainer.is_global_zero:
+            _write_csv(self.csv_path, list(SCORE_COLUMNS), rows)
 
 
 class TestScoresWriter(L.Callback):

@@ -37,7 +37,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, MetricsFileCallback
 from vsad_lightning.callbacks.predictions import PredictionWriter, TestScoresWriter
-from vsad_lightning.callbacks.preemption import RequeueAtBatchEnd
+from vsad_lightning.callbacks.preemption import (
+    RequeueAtBatchEnd,
+    StopAtSafePoint,
+    stops_on_signals,
+)
 from vsad_lightning.cli._common import report_data_errors
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.errors import DataError
@@ -152,6 +156,7 @@ class VSADCLI(LightningCLI):
                     MetricsFileCallback(),
                     TestScoresWriter(),
                     RequeueAtBatchEnd(),
+                    StopAtSafePoint(),  # SIGTERM / SIGINT: stop between batches
                 ],
             },
         )
@@ -304,6 +309,7 @@ def _run_version_scoped(main):
 
 
 @report_data_errors
+@stops_on_signals
 @_run_version_scoped
 def fit_main(args: list[str] | None = None) -> int:
     """``vsad-fit --config CONFIG [overrides]``: fit, build the bank, then test."""
@@ -332,6 +338,7 @@ def _require_checkpoint(path: str) -> str:
 
 
 @report_data_errors
+@stops_on_signals
 @_run_version_scoped
 def test_main(args: list[str] | None = None) -> int:
     """``vsad-test --config CONFIG --ckpt_path CKPT``: test a checkpoint as ``vsad-fit`` does."""
@@ -344,6 +351,7 @@ def test_main(args: list[str] | None = None) -> int:
 
 
 @report_data_errors
+@stops_on_signals
 @_run_version_scoped
 def predict_main(args: list[str] | None = None) -> int:
     """``vsad-predict --config CONFIG --ckpt_path CKPT --data.predict_root DIR``.

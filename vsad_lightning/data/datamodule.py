@@ -129,6 +129,29 @@ class ResumableShuffleSampler(DistributedSampler):
         return iter(indices)
 
 
+class ShardSampler(DistributedSampler):
+    """The evaluation order: samples ``rank, rank + world, ...`` in index order, nothing padded.
+
+    Lightning's default under DDP (a ``DistributedSampler``) pads the last shard with repeated
+    samples so that every rank gets as many; a repeated test sample is counted twice by
+    ``AnomalyMetrics`` (its pixels, view and sample scores), so test metrics depended on the
+    number of processes. Here each sample goes to exactly one rank, and the shards differ by at
+    most one sample. Being a ``DistributedSampler``, Lightning keeps it instead of inserting
+    its own. Ranks may run different numbers of batches: the test and predict steps hold no
+    collective call (the metric states and score rows are gathered once, at epoch end).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class MultiViewDataModule(L.LightningDataModule):
     """Loaders of ``MultiViewBatch``es for one category.
 
@@ -558,12 +581,28 @@ class MultiViewDataModule(L.LightningDataModule):
     def _collate(self):
         return functools.partial(collate_multiview, neighbour_mask=self.neighbour_graph_mask())
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, shard: bool = False
+    ) -> DataLoader:
         # Only the evaluation loaders come here (shuffle=False); see train_dataloader.
+        # shard: test and predict split the samples over the ranks without repeats
+        # (ShardSampler), so every sample is scored and counted exactly once.
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if shard and trainer is not None:
+            if len(dataset) < trainer.world_size:
+                # A process without samples would skip the epoch's end, where the metric
+                # states are gathered, and leave the others waiting there.
+                raise DataError(
+                    f"{len(dataset)} samples to score on {trainer.world_size} processes: each "
+                    "process needs at least one; use fewer trainer.devices"
+                )
+            sampler = ShardSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=self._collate(),
@@ -607,10 +646,14 @@ class MultiViewDataModule(L.LightningDataModule):
         return self._loader(self._require(self.val_set, "fit"), self.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.test_set, "test"), self.eval_batch_size, False)
+        """The test split, each sample on exactly one rank (``ShardSampler``)."""
+        test = self._require(self.test_set, "test")
+        return self._loader(test, self.eval_batch_size, False, shard=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.predict_set, "predict"), self.eval_batch_size, False)
+        """The predict folder, each sample on exactly one rank (``ShardSampler``)."""
+        found = self._require(self.predict_set, "predict")
+        return self._loader(found, self.eval_batch_size, False, shard=True)
 
     def train_feature_dataloader(self) -> DataLoader:
         """Every training normal in index order, unshuffled (the memory bank's input)."""

@@ -35,6 +35,23 @@ def default_cache_path(root: str | os.PathLike, category: str, resolution: int |
     return Path(root) / CACHE_DIR_NAME / f"homographies_{category}_{resolution}.json"
 
 
+def _in_front(H: list[list[float]], image_size) -> list[list[float]] | None:
+    """``H`` or ``-H``: the one whose third coordinate ``w`` is positive at the source image's
+    centre.
+
+    ``H`` and ``-H`` are the same homography, but the projection keeps a point only where
+    ``w > 0`` (in front of the camera, ``geometry.projection``), so a cache whose ``H[2][2]``
+    is negative (another tool's convention, or a hand edit) would make every cross-view
+    position invalid, and MVAM's candidates and L_r would silently see nothing. A pair that
+    sends the centre to infinity (``w = 0``) cannot be two views of one object: ``None``.
+    """
+    cx, cy = image_size[0] / 2, image_size[1] / 2  # pixel-centre coordinates
+    w = H[2][0] * cx + H[2][1] * cy + H[2][2]
+    if not w:
+        return None
+    return H if w > 0 else [[-x for x in row] for row in H]
+
+
 @dataclass
 class PairEstimate:
     """One ordered pair's homography and the evidence behind it."""
@@ -159,6 +176,12 @@ class HomographyCache:
                     det = torch.linalg.det(torch.tensor(H, dtype=torch.float64)).item()
                     if not math.isfinite(det) or abs(det) < 1e-12:
                         raise fail(f"pair {key!r}: 'H' is singular (det={det:.3g})")
+                    pair.H = _in_front(H, size)
+                    if pair.H is None:
+                        raise fail(
+                            f"pair {key!r}: 'H' sends the centre of the source view to infinity "
+                            f"(H={H}); two views of one object cannot be related by it"
+                        )
                 pairs[key] = pair
         return cls(
             category=str(obj["category"]),

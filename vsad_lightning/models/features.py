@@ -16,6 +16,12 @@ to ``t_a`` uses ``ε̂(z_{t_b}, t_b)``, and inversion from ``t_a`` to ``t_b`` us
 latent the U-Net sees, and it never asks the U-Net about a clean latent at ``t = 0``. The
 clean latent ``z0`` sits at ``t_0 = 0`` (``ᾱ_0 = alphas_cumprod[0]``, within 0.1 % of 1 for SD's
 schedule), and ``ᾱ`` always comes from the scheduler's ``alphas_cumprod``.
+
+The U-Net predicts what its scheduler's ``prediction_type`` says (``epsilon``, ``v_prediction``
+or ``sample``; ``models.objective`` trains it on that target); ``to_epsilon`` turns its output
+into ``ε̂`` before every step, so a v-prediction checkpoint is inverted along the same DDIM path
+as an epsilon one. ``FeatureExtractor`` takes the type as a required argument: a default would
+silently invert a v-prediction model as if it predicted noise.
 """
 
 from __future__ import annotations
@@ -102,6 +108,10 @@ def ddim_denoise(
     for t_from, t_to in zip(ts[:-1], ts[1:], strict=True):
         z = ddim_step(z, model_fn(z, t_from), alphas[t_from].item(), alphas[t_to].item())
     return z
+
+
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+"""The scheduler ``prediction_type``s that training and inversion support."""
 
 
 def to_epsilon(model_output: Tensor, z_t: Tensor, alpha: float, prediction_type: str) -> Tensor:
@@ -195,13 +205,18 @@ class FeatureExtractor:
         image_size: tuple[int, int],
         neighbour_mask: Tensor,
         alphas_cumprod: Tensor,
-        prediction_type: str = "epsilon",
+        prediction_type: str,
     ) -> dict[int, Tensor]:
         """Features ``{level: (B, V, C_l, h_l, w_l)}`` of clean latents ``(B, V, c, h, w)``.
 
         ``model`` is a ``ViewAlignedUNet``; the other arguments are those of its ``forward``,
-        plus the scheduler's ``alphas_cumprod`` and ``prediction_type``.
+        plus the scheduler's ``alphas_cumprod`` and ``config.prediction_type`` (what the U-Net
+        outputs; the inversion converts it to ``ε̂``).
         """
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
+            )
         B = latents.shape[0]
 
         def run(z: Tensor, t: int, capture: bool):

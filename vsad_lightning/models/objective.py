@@ -4,10 +4,13 @@
   denoised at the same noise level, so MVAM aligns features of equal noise).
 - ``ε ~ N(0, I)``, ``z_t = scheduler.add_noise(z_0, ε, t)``.
 - ``L_d = MSE(ε̂, ε)``. A scheduler with ``prediction_type="v_prediction"`` trains the U-Net on
-  its own target ``v`` (``scheduler.get_velocity``) instead; SD2 base and the tiny backbone
-  predict ``ε``.
+  its own target ``v`` (``scheduler.get_velocity``) instead, and ``"sample"`` on ``z_0``; SD2
+  base and the tiny backbone predict ``ε``. The inversion (``models.features.to_epsilon``)
+  reads the output with the same type.
 - ``L_r``: the mean over feature levels of ``consistency_loss`` on the features captured after
-  FRM in the same forward pass (docs/method.md#consistency-loss).
+  FRM in the same forward pass (docs/method.md#consistency-loss). L_r is FRM's loss: with
+  ``lambda_r = 0`` (which ``VSADModule`` passes when ``use_frm`` is false) it is neither
+  computed nor applied, and the features are not captured; ``consistency_loss`` is then 0.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def diffusion_objective(
         encoder_hidden_states: ``(1 or B, L, D)`` prompt embedding.
         homographies: ``(B, V, V, 3, 3)`` at image resolution ``image_size = (W, H)``.
         neighbour_mask: ``(V, V)`` bool.
-        lambda_r: ``λ_r`` (default 0.1).
+        lambda_r: ``λ_r`` (default 0.1); 0 leaves L_r out (reported as 0).
         generator: draws ``t`` and ``ε`` (on the generator's device, then moved); ``None``
             uses the global RNG of ``latents``' device.
         max_timestep: draw ``t`` uniformly from ``[0, max_timestep)`` instead of the whole
@@ -78,6 +81,7 @@ def diffusion_objective(
     )
     # add_noise broadcasts the (B,) timesteps over (V, c, h, w): one t per sample.
     noisy = scheduler.add_noise(latents, noise, timesteps)
+    with_consistency = lambda_r != 0
 
     out = model(
         noisy,
@@ -86,19 +90,25 @@ def diffusion_objective(
         homographies,
         image_size,
         neighbour_mask,
-        capture=True,
+        capture=with_consistency,
     )
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
     elif prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
+    elif prediction_type == "sample":
+        target = latents
     else:
         raise ValueError(
-            f"diffusion_objective supports prediction_type epsilon or v_prediction, got "
+            f"diffusion_objective supports prediction_type epsilon, v_prediction or sample, got "
             f"{prediction_type!r}"
         )
     denoising = F.mse_loss(out.noise_pred.float(), target.float())
+    if not with_consistency:
+        return ObjectiveOutput(
+            loss=denoising, denoising_loss=denoising, consistency_loss=torch.zeros_like(denoising)
+        )
     per_level = [
         consistency_loss(out.features[level], out.level_homographies[level], neighbour_mask)
         for level in sorted(out.features)

@@ -157,7 +157,8 @@ class VSADModule(L.LightningModule):
         train_unet: ``none | decoder | all`` (docs/method.md#training). A ``tiny`` backbone has
             random weights, so it needs ``all``.
         gradient_checkpointing: recompute U-Net activations in backward to save memory.
-        lambda_r: weight of the consistency loss L_r in ``L = L_d + lambda_r * L_r``.
+        lambda_r: weight of the consistency loss L_r in ``L = L_d + lambda_r * L_r``; not used
+            when ``use_frm`` is false (L_r is FRM's loss, so the FRM ablation drops both).
         max_train_timestep: draw training timesteps from ``[0, max_train_timestep)`` rather
             than the whole schedule (``None``, the paper's choice); see ``diffusion_objective``.
         lr, weight_decay: AdamW.
@@ -370,7 +371,8 @@ class VSADModule(L.LightningModule):
             batch.homographies,
             batch.image_size,
             batch.neighbour_mask,
-            lambda_r=self.hparams.lambda_r,
+            # L_r is FRM's loss: without FRM the ablation trains on L_d alone.
+            lambda_r=self.hparams.lambda_r if self.hparams.use_frm else 0.0,
             max_timestep=self.hparams.max_train_timestep,
             generator=generator,
         )
@@ -489,6 +491,7 @@ class VSADModule(L.LightningModule):
             batch.image_size,
             batch.neighbour_mask,
             self.noise_scheduler.alphas_cumprod,
+            self.noise_scheduler.config.prediction_type,  # what the U-Net predicts
         )
         if self.hparams.latent_weight > 0:
             features[LATENT_LEVEL] = latents
