@@ -229,3 +229,29 @@ def test_report_aggregates_runs_into_one_table(fitted, tmp_path):
     metrics = json.loads(fitted["metrics_path"].read_text())
     assert report["mean"]["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])
     assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("category,")
+
+
+@pytest.mark.slow
+def test_pictures_show_chosen_samples_curves_and_histograms(fitted):
+    import cv2
+
+    run_dir = fitted["metrics_path"].parent
+    index = json.loads((run_dir / "images" / "index.json").read_text())
+    kinds = [p["kind"] for p in index["pictures"]]
+    # 8 test samples, 4 anomalous, --pictures.num_samples 2: two of each kind that exists.
+    assert kinds.count("false_alarm") == 2 and kinds.count("miss") == 2, kinds
+    assert "curves" in kinds and "histograms" in kinds
+    normals = [p for p in index["pictures"] if p["kind"] == "false_alarm"]
+    assert all(p["sample_truth"] == 0 for p in normals)
+    assert normals[0]["sample_score"] >= normals[1]["sample_score"]
+    assert index["colour_scale"]["vmax"] > index["colour_scale"]["vmin"]
+    for p in index["pictures"]:
+        picture = cv2.imread(str(run_dir / "images" / p["file"]))
+        assert picture is not None, p
+        if p["kind"] in ("false_alarm", "miss", "detection"):
+            assert picture.shape[1] >= 5 * 192, picture.shape  # five views, each >= 192 px
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()["images"]
+    assert {"test/curves", "test/histograms"} <= set(tags), tags
+    assert any(tag.startswith("test/maps/false_alarm/") for tag in tags), tags
