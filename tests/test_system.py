@@ -255,3 +255,76 @@ def test_pictures_show_chosen_samples_curves_and_histograms(fitted):
     tags = acc.Tags()["images"]
     assert {"test/curves", "test/histograms"} <= set(tags), tags
     assert any(tag.startswith("test/maps/false_alarm/") for tag in tags), tags
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None
+    )
+
+
+@pytest.mark.slow
+def test_report_page_renders_in_headless_chromium(fitted, tmp_path):
+    """The page in a real browser: table, every image loaded, every link to an existing file.
+
+    The screenshot is a test artefact: ``$VSAD_TEST_ARTEFACTS`` (default ``test-artefacts/``
+    in the repository) ``/report.png``. ``.ci/run`` installs Debian's ``chromium``.
+    """
+    import html.parser
+    import shutil
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it)")
+    run_script("vsad-report", str(fitted["runs"]), "--out", str(tmp_path))
+    page = tmp_path / "report.html"
+    assert page.is_file()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.images, self.links, self.cells = {}, [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "body":
+                self.body = attrs
+            elif tag == "img":
+                self.images.append(attrs.get("src", ""))
+            elif tag == "a":
+                self.links.append(attrs.get("href", ""))
+
+        def handle_data(self, data):
+            if data.strip():
+                self.cells.append(data.strip())
+
+    parsed = Page()
+    parsed.feed(dom)
+    # The page's own script ran after "load" and found every image decoded.
+    assert parsed.body.get("data-broken-images") == "0", parsed.body
+    assert int(parsed.body.get("data-images", 0)) == len(parsed.images) >= 3, parsed.body
+    assert all(src.startswith("data:image/png;base64,") for src in parsed.images)
+    assert "brick" in parsed.cells and "mean" in parsed.cells
+    files = [href for href in parsed.links if not href.startswith("#")]
+    assert files and all((tmp_path / href).is_file() for href in files), files
+
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, "--window-size=1300,1800", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    import cv2
+
+    picture = cv2.imread(str(shot))
+    assert picture is not None and picture.shape[:2] == (1800, 1300)
+    assert picture.std() > 10  # not a blank page
+    artefacts = Path(os.environ.get("VSAD_TEST_ARTEFACTS", REPO / "test-artefacts"))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artefacts / "report.png")
