@@ -59,7 +59,12 @@ def fitted(small_root, tmp_path_factory) -> dict:
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith("metrics: "), proc.stdout[-2000:]
     metrics_path = Path(last_line.removeprefix("metrics: "))
-    return {"runs": runs, "metrics_path": metrics_path, "stdout": proc.stdout}
+    return {
+        "runs": runs,
+        "metrics_path": metrics_path,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+    }
 
 
 @pytest.mark.slow
@@ -328,3 +333,30 @@ def test_report_page_renders_in_headless_chromium(fitted, tmp_path):
     artefacts = Path(os.environ.get("VSAD_TEST_ARTEFACTS", REPO / "test-artefacts"))
     artefacts.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, artefacts / "report.png")
+
+
+@pytest.mark.slow
+def test_fit_log_shows_progress_and_no_noise(fitted):
+    """The fit's stderr (a pipe, as in a SLURM log): plain progress lines for each phase, and
+    none of the library messages a user cannot act on (``vsad_lightning/utils/quiet.py``)."""
+    err = fitted["stderr"]
+    for line in (
+        "[progress] epoch 1/2: started (6 batches)",
+        "[progress] epoch 2/2: done, 6 batches in ",
+        "[progress] memory bank: features of the training normals: done",
+        "[progress] test: done, 2 batches in ",
+    ):
+        assert line in err, (line, err[-3000:])
+    assert "\r" not in err  # no carriage-return bars in a log
+    for noise in (
+        "module(s) in eval mode",
+        "transfer_batch_to_device",
+        "Tip:",
+        "LeafSpec",
+        "dirpath has changed",
+        "Total length of",
+        "weights_only",
+        "memory bank level 1:",
+    ):
+        assert noise not in err, (noise, err[-3000:])
+    assert "memory bank level -1 (decoder up block" in err  # named as model.feature_levels

@@ -43,6 +43,7 @@ from vsad_lightning.geometry.per_sample import (
     estimate_sample_homographies,
 )
 from vsad_lightning.geometry.projection import scale_homography
+from vsad_lightning.utils.progress import Progress
 
 
 def sample_cache_path(category_cache: str | os.PathLike, split: str) -> Path:
@@ -176,6 +177,9 @@ def ensure_sample_homographies(
         cache = None  # estimated from another category cache: start again
     step = max(1, math.ceil(len(todo) / 10))
     start = time.perf_counter()
+    meter = None
+    if progress is _print_progress:  # the default: a meter with an ETA instead of 10 lines
+        meter, progress = Progress(len(todo), f"{label} ({split})", unit="samples"), None
     for done, record in enumerate(todo, start=1):
         sample, source = record.sample_id, source_fingerprint(record)
         images, _ = read_sample_views(record)
@@ -203,9 +207,13 @@ def ensure_sample_homographies(
             entry.status[key] = estimate.status[key]
         cache.add(sample, entry)
         cache.sources[sample] = source
+        if meter is not None:
+            meter.update(1)
         if progress is not None and (done % step == 0 or done == len(todo)):
             seconds = (time.perf_counter() - start) / done
             progress(f"{label} ({split}): {done}/{len(todo)} samples, {seconds:.2f} s per sample")
+    if meter is not None:
+        meter.close()
     cache.prior = fingerprint
     cache.save(path)
     return cache
