@@ -27,6 +27,7 @@ class LogProgressBar(ProgressBar):
         super().__init__()
         self._enabled = True
         self._meter: Progress | None = None
+        self._paused: Progress | None = None  # the epoch's meter while validation runs
 
     def disable(self) -> None:
         self._enabled = False
@@ -81,7 +82,7 @@ class LogProgressBar(ProgressBar):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._finish()
-            self._meter = getattr(self, "_paused", None)
+            self._meter, self._paused = self._paused, None
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         total = sum(_count(t) or 0 for t in trainer.num_test_batches)
