@@ -1,11 +1,21 @@
 # Two commands for a newcomer: `make demo` and `make test`.
 # Both create (or reuse) the virtualenv in $(VENV) and install what they need.
-# TORCH_SPEC pins the CPU wheel that lies on this kind of machine's disk, so that pip does not
-# pull a multi-GB CUDA build; on a GPU node, `make TORCH_SPEC=torch ...` or install torch first.
+# torch is installed first, the build that fits the machine (README "Install"):
+# - TORCH_SPEC: the version the test suite is run with.
+# - TORCH_INDEX: where pip looks for it. Where `nvidia-smi` runs, empty: PyPI, whose Linux wheel
+#   is the CUDA build. Elsewhere PyTorch's CPU-only index: a ~190 MB wheel instead of PyPI's
+#   CUDA build (~550 MB plus several GB of nvidia-* packages). Override either, e.g.
+#   `make TORCH_INDEX=https://download.pytorch.org/whl/cu126 demo` for a given CUDA version.
+#   pip's own configuration (find-links, extra indexes) still applies, so a wheel on local disk
+#   that matches TORCH_SPEC is used as well. --no-deps: torch's own dependencies come with the
+#   project's install from the usual index (one look-up of TORCH_INDEX, not one per package).
+#   A torch already in the virtualenv is kept.
 
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+CPU_TORCH_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CPU_TORCH_INDEX))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vsad-installed
 DEMO_DIR ?= runs/demo
@@ -15,7 +25,8 @@ DEMO_DIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install -q --no-deps "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test,faiss]"
 	touch $(STAMP)
 

@@ -59,7 +59,12 @@ def fitted(small_root, tmp_path_factory) -> dict:
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith("metrics: "), proc.stdout[-2000:]
     metrics_path = Path(last_line.removeprefix("metrics: "))
-    return {"runs": runs, "metrics_path": metrics_path, "stdout": proc.stdout}
+    return {
+        "runs": runs,
+        "metrics_path": metrics_path,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+    }
 
 
 @pytest.mark.slow
@@ -229,3 +234,129 @@ def test_report_aggregates_runs_into_one_table(fitted, tmp_path):
     metrics = json.loads(fitted["metrics_path"].read_text())
     assert report["mean"]["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])
     assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("category,")
+
+
+@pytest.mark.slow
+def test_pictures_show_chosen_samples_curves_and_histograms(fitted):
+    import cv2
+
+    run_dir = fitted["metrics_path"].parent
+    index = json.loads((run_dir / "images" / "index.json").read_text())
+    kinds = [p["kind"] for p in index["pictures"]]
+    # 8 test samples, 4 anomalous, --pictures.num_samples 2: two of each kind that exists.
+    assert kinds.count("false_alarm") == 2 and kinds.count("miss") == 2, kinds
+    assert "curves" in kinds and "histograms" in kinds
+    normals = [p for p in index["pictures"] if p["kind"] == "false_alarm"]
+    assert all(p["sample_truth"] == 0 for p in normals)
+    assert normals[0]["sample_score"] >= normals[1]["sample_score"]
+    assert index["colour_scale"]["vmax"] > index["colour_scale"]["vmin"]
+    for p in index["pictures"]:
+        picture = cv2.imread(str(run_dir / "images" / p["file"]))
+        assert picture is not None, p
+        if p["kind"] in ("false_alarm", "miss", "detection"):
+            assert picture.shape[1] >= 5 * 192, picture.shape  # five views, each >= 192 px
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()["images"]
+    assert {"test/curves", "test/histograms"} <= set(tags), tags
+    assert any(tag.startswith("test/maps/false_alarm/") for tag in tags), tags
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None
+    )
+
+
+@pytest.mark.slow
+def test_report_page_renders_in_headless_chromium(fitted, tmp_path):
+    """The page in a real browser: table, every image loaded, every link to an existing file.
+
+    The screenshot is a test artefact: ``$VSAD_TEST_ARTEFACTS`` (default ``test-artefacts/``
+    in the repository) ``/report.png``. ``.ci/run`` installs Debian's ``chromium``.
+    """
+    import html.parser
+    import shutil
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it)")
+    run_script("vsad-report", str(fitted["runs"]), "--out", str(tmp_path))
+    page = tmp_path / "report.html"
+    assert page.is_file()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.images, self.links, self.cells = {}, [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "body":
+                self.body = attrs
+            elif tag == "img":
+                self.images.append(attrs.get("src", ""))
+            elif tag == "a":
+                self.links.append(attrs.get("href", ""))
+
+        def handle_data(self, data):
+            if data.strip():
+                self.cells.append(data.strip())
+
+    parsed = Page()
+    parsed.feed(dom)
+    # The page's own script ran after "load" and found every image decoded.
+    assert parsed.body.get("data-broken-images") == "0", parsed.body
+    assert int(parsed.body.get("data-images", 0)) == len(parsed.images) >= 3, parsed.body
+    assert all(src.startswith("data:image/png;base64,") for src in parsed.images)
+    assert "brick" in parsed.cells and "mean" in parsed.cells
+    files = [href for href in parsed.links if not href.startswith("#")]
+    assert files and all((tmp_path / href).is_file() for href in files), files
+
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, "--window-size=1300,1800", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    import cv2
+
+    picture = cv2.imread(str(shot))
+    assert picture is not None and picture.shape[:2] == (1800, 1300)
+    assert picture.std() > 10  # not a blank page
+    artefacts = Path(os.environ.get("VSAD_TEST_ARTEFACTS", REPO / "test-artefacts"))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, artefacts / "report.png")
+
+
+@pytest.mark.slow
+def test_fit_log_shows_progress_and_no_noise(fitted):
+    """The fit's stderr (a pipe, as in a SLURM log): plain progress lines for each phase, and
+    none of the library messages a user cannot act on (``vsad_lightning/utils/quiet.py``)."""
+    err = fitted["stderr"]
+    for line in (
+        "[progress] epoch 1/2: started (6 batches)",
+        "[progress] epoch 2/2: done, 6 batches in ",
+        "[progress] memory bank: features of the training normals: done",
+        "[progress] test: done, 2 batches in ",
+    ):
+        assert line in err, (line, err[-3000:])
+    assert "\r" not in err  # no carriage-return bars in a log
+    for noise in (
+        "module(s) in eval mode",
+        "transfer_batch_to_device",
+        "Tip:",
+        "LeafSpec",
+        "dirpath has changed",
+        "Total length of",
+        "weights_only",
+        "memory bank level 1:",
+    ):
+        assert noise not in err, (noise, err[-3000:])
+    assert "memory bank level -1 (decoder up block" in err  # named as model.feature_levels

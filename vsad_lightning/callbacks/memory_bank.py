@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader, Subset
 
 from vsad_lightning.callbacks.preemption import raise_if_stop_requested, stop_checked
 from vsad_lightning.models.bank_builder import StreamingBankBuilder
+from vsad_lightning.models.features import LATENT_LEVEL
 from vsad_lightning.models.memory_bank import (
     flatten_features,
     greedy_coreset,
     unflatten_features,
 )
+from vsad_lightning.utils.progress import Progress
 
 FINAL_CHECKPOINT = "final.ckpt"
 """Written after the bank is built: the checkpoint ``vsad-test`` and ``vsad-predict`` take."""
@@ -112,6 +114,7 @@ class MemoryBankCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         chunks: dict[int, list[Tensor]] = {}
+        meter = _meter(trainer, loader)
         for batch in loader:
             raise_if_stop_requested(*_bank_stop(trainer))
             batch = batch.to(pl_module.device)
@@ -119,6 +122,8 @@ class MemoryBankCallback(L.Callback):
             for level, feats in pl_module.extract_features(batch).items():
                 self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                 chunks.setdefault(level, []).append(flatten_features(feats.float()))
+            meter.update()
+        meter.close()
         pl_module.train(was_training)
         if not chunks:
             raise RuntimeError("the training feature loader yielded no samples on this rank")
@@ -141,6 +146,7 @@ class MemoryBankCallback(L.Callback):
         )
         was_training = pl_module.training
         pl_module.eval()
+        meter = _meter(trainer, loader)
         try:
             for batch in loader:
                 raise_if_stop_requested(*_bank_stop(trainer))
@@ -149,6 +155,8 @@ class MemoryBankCallback(L.Callback):
                 for level, feats in pl_module.extract_features(batch).items():
                     self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
                     builder.add(level, flatten_features(feats.float()), feats.shape[0])
+                meter.update()
+            meter.close()
         except BaseException:
             builder.close()
             raise
@@ -213,7 +221,9 @@ class MemoryBankCallback(L.Callback):
                 # does not.
                 grid = self.grids.get(level) if self.coreset_ratio >= 1.0 else None
                 pl_module.memory_bank.set_level(level, rows, grid=grid)
-                rank_zero_info(f"memory bank level {level}: {rows.shape[0]} x {rows.shape[1]}")
+                rank_zero_info(
+                    f"memory bank {level_name(pl_module, level)}: {rows.shape[0]} x {rows.shape[1]}"
+                )
             if builder is not None:
                 self.build_info["feature_rows"] = {
                     str(level): rows for level, rows in builder.total_rows.items()
@@ -226,7 +236,9 @@ class MemoryBankCallback(L.Callback):
                 builder.close()
         if self.save_checkpoint:
             # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
-            trainer.save_checkpoint(Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT)
+            trainer.save_checkpoint(
+                Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT, weights_only=False
+            )  # the whole state: loops and callbacks too, so a test or resume finds them
 
     def _in_memory_levels(self, features: dict[int, Tensor]):
         for level, rows in sorted(features.items()):
@@ -352,6 +364,36 @@ def _bank_stop(trainer: L.Trainer) -> tuple[str, str]:
         else "no checkpoint of the trained model was written; the run must be repeated"
     )
     return "while building the memory bank", then
+
+
+def _meter(trainer: L.Trainer, loader) -> Progress:
+    """The progress of reading the training normals' features (rank 0 shows it)."""
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    return Progress(
+        total, "memory bank: features of the training normals", enabled=trainer.is_global_zero
+    )
+
+
+def level_name(pl_module, level: int) -> str:
+    """A bank level as the config names it: ``latent`` or ``feature_levels`` entry and block.
+
+    The bank keys decoder levels by absolute up-block index (``model.feature_levels: [-2, -1]``
+    of 4 blocks are blocks 2 and 3) and the latent by ``LATENT_LEVEL`` (-1).
+    """
+    if level == LATENT_LEVEL:
+        return "level latent (model.latent_weight)"
+    unet = getattr(getattr(pl_module, "unet", None), "unet", None)
+    blocks = len(getattr(unet, "up_blocks", ()))
+    configured = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)(
+        "feature_levels"
+    )
+    for entry in configured or ():
+        if blocks and int(entry) % blocks == level:
+            return f"level {int(entry)} (decoder up block {level})"
+    return f"level {level} (decoder up block {level})"
 
 
 def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:

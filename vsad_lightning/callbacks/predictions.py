@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from pathlib import Path
 
-import cv2
 import lightning as L
 import torch
 from torch import Tensor
 
-from vsad_lightning.callbacks.outputs import AnomalyMapPictures, run_dir
+from vsad_lightning.callbacks.outputs import run_dir
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.geometry.registration import sample_to_original
 from vsad_lightning.utils.io import atomic_write_text
+from vsad_lightning.visualization.figures import (
+    MIN_PANEL_PX,
+    colour_scale,
+    sample_figure,
+    write_png,
+)
 
 SCORE_COLUMNS: tuple[str, ...] = (
     "sample_id",
@@ -75,22 +81,25 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 class PredictionWriter(L.Callback):
     """Write what ``vsad-predict`` produces into ``dir``.
 
-    - ``maps/<sample_id>.png``: the views side by side, the image above its map overlay (the
-      maps of the model's calibration mode; colour scale 0..``vmax``, ``vmax`` unset means the
-      sample's own largest score).
+    - ``maps/<sample_id>.png``: the sample's figure (``visualization.figures.sample_figure``):
+      every view's image above its anomaly map (the maps of the model's calibration mode),
+      titled with the view and sample scores and the OK/NG decisions. The colour scale is the
+      checkpoint's fixed scale (``colour_scale``: from its calibration thresholds), the same as
+      the pictures of the test run, so a normal part looks calm and a broken one alarming.
     - ``scores.csv``: one row per view, ``SCORE_COLUMNS``: sample_id, view, image_path,
       view_score, sample_score, view_decision, sample_decision (``OK``/``NG``).
-
-    Args:
-        dir: the output folder (created; existing files of the same name are replaced).
-        vmax: a fixed top of the colour scale, so pictures of different runs compare.
     """
 
     def __init__(self, dir: str = "predictions", vmax: float | None = None) -> None:
+        """
+        Args:
+            dir: the output folder (created; existing files of the same name are replaced).
+            vmax: the top of the maps' colour scale; unset: the checkpoint's calibrated scale
+                (without a calibration, each sample's own largest score).
+        """
         self.dir = Path(dir)
         self.vmax = vmax
         self._rows: list[list] = []
-        self._pictures = AnomalyMapPictures()
         self.csv_path: Path | None = None
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
@@ -100,16 +109,31 @@ class PredictionWriter(L.Callback):
     def on_predict_batch_end(
         self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
     ) -> None:
+        calibrated = colour_scale(pl_module)
         for b in range(batch.batch_size):
             maps = outputs.normalised_maps[b].float().cpu()
-            vmax = self.vmax if self.vmax is not None else float(maps.max())
-            picture = self._pictures.render(
+            scale = calibrated or colour_scale(pl_module, fallback_max=float(maps.max()))
+            if self.vmax is not None:
+                scale = replace(
+                    scale, vmax=self.vmax, source=f"scale 0..{self.vmax} (--output.vmax)"
+                )
+
+            def labels(t, index):
+                return None if t is None else t[index].long().cpu().tolist()
+
+            picture = sample_figure(
                 sample_to_original(batch.images[b], batch.registration[b]).float().cpu(),
-                batch.masks[b].float().cpu(),
                 maps,
-                vmax=vmax,
+                scale,
+                view_names=batch.view_names,
+                sample_id=batch.sample_ids[b],
+                view_scores=outputs.view_scores[b].float().cpu().tolist(),
+                sample_score=float(outputs.sample_scores[b]),
+                view_decisions=labels(outputs.pred_view_labels, b),
+                sample_decision=labels(outputs.pred_sample_labels, b),
+                panel_px=max(MIN_PANEL_PX, batch.images.shape[-1]),
             )
-            cv2.imwrite(str(self.dir / "maps" / f"{batch.sample_ids[b]}.png"), picture[..., ::-1])
+            write_png(self.dir / "maps" / f"{batch.sample_ids[b]}.png", picture)
         self._rows.extend(score_rows(batch, outputs))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:

@@ -4,7 +4,8 @@ One row per category, then the mean over categories (docs/evaluation.md). When a
 has several runs (re-runs, ``vsad-test`` of a checkpoint, a requeued job), its newest
 ``metrics.json`` (by modification time) is the one that counts; the others are listed below
 the table so nothing is dropped silently. Writes ``report.md``, ``report.csv`` and
-``report.json`` into RUNS_DIR (or ``--out``) atomically and prints the markdown.
+``report.json`` into RUNS_DIR (or ``--out``) atomically and prints the markdown, and the page
+``report.html`` (``vsad_lightning.visualization.report_page``).
 
 A category without a value for a metric (missing from its file, or undefined: NaN, ``null``)
 is marked in every format, and the mean of that metric is over the categories that have one,
@@ -31,6 +32,7 @@ from vsad_lightning.cli._common import report_data_errors
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics.export import METRIC_KEYS, collect_metrics, format_metrics_table
 from vsad_lightning.utils.io import atomic_write_json, atomic_write_text
+from vsad_lightning.visualization.report_page import write_report_page
 
 
 def newest_per_category(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -150,9 +152,11 @@ def report_main(argv: list[str] | None = None) -> int:
             "superseded": [r["run_dir"] for r in superseded],
         },
     )
+    page = write_report_page(out, kept, mean, superseded, mean_note(kept))
     print(table)
     for row in superseded:
         print(f"(older run not counted: {row['run_dir']})")
+    print(f"page:   {page}")
     print(f"report: {out / 'report.md'}")
     return 0
 

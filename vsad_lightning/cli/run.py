@@ -42,11 +42,14 @@ from vsad_lightning.callbacks.preemption import (
     StopAtSafePoint,
     stops_on_signals,
 )
+from vsad_lightning.callbacks.progress import LogProgressBar
 from vsad_lightning.cli._common import report_data_errors
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics.export import format_metrics_table
 from vsad_lightning.system.module import VSADModule
+from vsad_lightning.utils.progress import use_terminal_bar
+from vsad_lightning.utils.quiet import quiet_known_noise
 
 RUN_VERSION_ENV = "VSAD_RUN_VERSION"
 """Set by rank 0 before DDP starts its worker processes, so every rank names the same run."""
@@ -56,6 +59,16 @@ FINAL_MARKERS = ("metrics.json", "checkpoints/final.ckpt")
 
 HPC_PATTERN = "hpc_ckpt_*.ckpt"
 """Lightning's SLURM preemption checkpoints, written into ``trainer.default_root_dir``."""
+
+
+COMMAND_HELP = {
+    "fit": "vsad-fit: fit VSAD on one category, build the memory bank, test. Every option can "
+    "also be set in the --config YAML; --config FILE --print_config prints the merged config.",
+    "test": "vsad-test: test a checkpoint written by vsad-fit (--ckpt_path) as vsad-fit does.",
+    "predict": "vsad-predict: anomaly maps, scores and OK/NG decisions for unlabelled samples "
+    "(--data.predict_root) with a checkpoint written by vsad-fit.",
+}
+"""The first line of each command's ``--help``."""
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -140,6 +153,7 @@ class VSADCLI(LightningCLI):
     def __init__(self, command: str, args: list[str] | None = None) -> None:
         self.command = command
         self.resume_from: Path | None = None
+        quiet_known_noise()
         super().__init__(
             VSADModule,
             MultiViewDataModule,
@@ -148,6 +162,7 @@ class VSADCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": COMMAND_HELP.get(command, "")},
             trainer_defaults={
                 "default_root_dir": "runs",
                 "log_every_n_steps": 10,
@@ -200,6 +215,10 @@ class VSADCLI(LightningCLI):
             kwargs["logger"] = self._run_logger(config.get("default_root_dir") or "runs")
         every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
         kwargs["callbacks"] = [*(config.get("callbacks") or []), RunCheckpoint(every)]
+        if config.get("enable_progress_bar") is not False and not use_terminal_bar():
+            kwargs["callbacks"].append(LogProgressBar())  # plain lines in a batch log
+        if getattr(self.datamodule, "val_fraction", None) == 0:
+            kwargs["limit_val_batches"] = 0  # no held-out normals: no validation loop at all
         return super().instantiate_trainer(**kwargs)
 
     def _run_logger(self, root: str) -> TensorBoardLogger:

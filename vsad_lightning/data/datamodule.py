@@ -167,7 +167,8 @@ class MultiViewDataModule(L.LightningDataModule):
         val_fraction: fraction of the training normals held out for the validation loss.
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size (default ``batch_size``).
-        num_workers, pin_memory: ``DataLoader`` options.
+        num_workers: ``DataLoader`` worker processes (0: load in the main process).
+        pin_memory: ``DataLoader(pin_memory=...)``: page-locked batches for faster GPU copies.
         homography_samples: ``K`` normal samples pooled when the cache has to be estimated.
         seed: seeds the validation split and the training shuffle's generator.
         predict_root: the folder ``vsad-predict`` scores.

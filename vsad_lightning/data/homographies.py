@@ -25,6 +25,7 @@ from vsad_lightning.data.realiad import index_realiad
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.estimation import estimate_homographies
+from vsad_lightning.utils.progress import Progress
 
 DatasetKind = Literal["realiad", "manta", "folder"]
 DATASET_KINDS = ("realiad", "manta", "folder")
@@ -156,7 +157,8 @@ def ensure_homography_cache(
             any subset can use the cache later).
         num_views: views per MANTA strip.
         rebuild: estimate even when the file exists (``vsad-homography`` does).
-        progress: receives one line per estimation step (e.g. ``print``).
+        progress: receives one line per estimation step (e.g. ``print``); ``None``: a
+            progress meter on stderr (``vsad_lightning.utils.progress``).
         estimation_options: passed on to ``estimate_homographies``.
 
     An existing file that is not a valid cache, or lacks a requested view, is a ``DataError``
@@ -174,6 +176,13 @@ def ensure_homography_cache(
                 "rebuild it with vsad-homography"
             )
         return cache
+    meter = None
+    if progress is None:  # no caller's lines: a progress meter (bar or plain log lines)
+        meter = Progress(None, f"homographies of {category!r}", unit="steps")
+
+        def progress(line: str) -> None:
+            meter.update(1)
+
     cache = build_homography_cache(
         root,
         category,
@@ -185,5 +194,7 @@ def ensure_homography_cache(
         progress=progress,
         **estimation_options,
     )
+    if meter is not None:
+        meter.close()
     cache.save(path)
     return cache

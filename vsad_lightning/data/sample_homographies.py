@@ -43,6 +43,7 @@ from vsad_lightning.geometry.per_sample import (
     estimate_sample_homographies,
 )
 from vsad_lightning.geometry.projection import scale_homography
+from vsad_lightning.utils.progress import format_duration, progress_interval
 
 
 def sample_cache_path(category_cache: str | os.PathLike, split: str) -> Path:
@@ -143,8 +144,9 @@ def ensure_sample_homographies(
             ``prepare_data`` must have written it.
         rebuild: ignore the existing file and estimate every sample (``vsad-homography``
             rebuilds what it is asked for, as it does the category cache).
-        progress: receives progress lines (samples done / total, seconds per sample), about
-            one per tenth of the samples estimated.
+        progress: receives progress lines (samples done / total, seconds per sample, ETA):
+            one per tenth of the samples estimated, and one at least every
+            ``VSAD_PROGRESS_INTERVAL`` seconds (``vsad_lightning.utils.progress``, default 15).
         timings: receives the summed CPU milliseconds per estimation stage of the samples
             estimated (``estimate_sample_homographies``'s ``timings``).
         extra_images: images added to every sample's views under their own names (not view
@@ -176,6 +178,8 @@ def ensure_sample_homographies(
         cache = None  # estimated from another category cache: start again
     step = max(1, math.ceil(len(todo) / 10))
     start = time.perf_counter()
+    last_line = start
+    interval = progress_interval()
     for done, record in enumerate(todo, start=1):
         sample, source = record.sample_id, source_fingerprint(record)
         images, _ = read_sample_views(record)
@@ -203,9 +207,16 @@ def ensure_sample_homographies(
             entry.status[key] = estimate.status[key]
         cache.add(sample, entry)
         cache.sources[sample] = source
-        if progress is not None and (done % step == 0 or done == len(todo)):
-            seconds = (time.perf_counter() - start) / done
-            progress(f"{label} ({split}): {done}/{len(todo)} samples, {seconds:.2f} s per sample")
+        now = time.perf_counter()
+        due = done % step == 0 or done == len(todo) or now - last_line >= interval
+        if progress is not None and due:
+            last_line = now
+            seconds = (now - start) / done
+            eta = format_duration(seconds * (len(todo) - done))
+            progress(
+                f"{label} ({split}): {done}/{len(todo)} samples, {seconds:.2f} s per sample, "
+                f"ETA {eta}"
+            )
     cache.prior = fingerprint
     cache.save(path)
     return cache

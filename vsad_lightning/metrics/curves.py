@@ -143,3 +143,46 @@ def exact_average_precision(scores, labels) -> float:
     recall = true_pos / num_pos
     precision = true_pos / (true_pos + false_pos)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def binned_precision_recall(
+    positive_hist: np.ndarray, negative_hist: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """PR points ``(recall, precision)`` for thresholds at every bin holding a score, from the
+    top bin down: the curve whose step-wise area is ``binned_average_precision``."""
+    true_pos = _from_top(positive_hist)
+    false_pos = _from_top(negative_hist)
+    flagged = true_pos + false_pos
+    keep = flagged > 0
+    recall = true_pos[keep] / max(float(np.sum(positive_hist)), 1.0)
+    return recall, true_pos[keep] / flagged[keep]
+
+
+def _exact_counts(scores, labels) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Running true/false positives for thresholds at each distinct score, high to low."""
+    scores, labels = _as_scores_and_labels(scores, labels)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    last_of_tie = np.r_[np.diff(sorted_scores) != 0, True]
+    true_pos = np.cumsum(labels[order])[last_of_tie].astype(np.float64)
+    false_pos = np.cumsum(~labels[order])[last_of_tie].astype(np.float64)
+    num_pos = int(labels.sum())
+    return true_pos, false_pos, num_pos, labels.size - num_pos
+
+
+def exact_roc(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points ``(fpr, tpr)`` at every distinct score, from (0, 0) to (1, 1); its trapezoid
+    is ``exact_auroc``. NaN arrays when a class is missing."""
+    true_pos, false_pos, num_pos, num_neg = _exact_counts(scores, labels)
+    if num_pos == 0 or num_neg == 0:
+        return np.array([np.nan]), np.array([np.nan])
+    return np.r_[0.0, false_pos / num_neg], np.r_[0.0, true_pos / num_pos]
+
+
+def exact_precision_recall(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """PR points ``(recall, precision)`` at every distinct score, high to low; the step-wise
+    area is ``exact_average_precision``. NaN arrays when there is no positive."""
+    true_pos, false_pos, num_pos, _ = _exact_counts(scores, labels)
+    if num_pos == 0:
+        return np.array([np.nan]), np.array([np.nan])
+    return true_pos / num_pos, true_pos / (true_pos + false_pos)

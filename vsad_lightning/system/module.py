@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -151,9 +151,13 @@ class VSADModule(L.LightningModule):
         feature_levels: decoder up-block indices whose outputs (after FRM) are the features;
             negative indices count from the last block (default: the last two, the paper's
             levels 3 and 4).
-        attention_dim, num_heads, window, num_frequencies: MVAM's attention width, heads,
-            candidate window R and frequency count L (docs/method.md#mvam).
-        use_mvam, use_frm: ablation switches; off means the module is not installed.
+        attention_dim: MVAM's attention width (docs/method.md#mvam).
+        num_heads: MVAM's attention heads.
+        window: MVAM's candidate window R: each position attends to an R x R neighbourhood
+            around its homography-projected position in each neighbouring view.
+        num_frequencies: frequency count L of MVAM's positional encoding of the offsets.
+        use_mvam: ablation switch; false means MVAM is not installed.
+        use_frm: ablation switch; false means FRM is not installed.
         train_unet: ``none | decoder | all`` (docs/method.md#training). A ``tiny`` backbone has
             random weights, so it needs ``all``.
         gradient_checkpointing: recompute U-Net activations in backward to save memory.
@@ -161,12 +165,15 @@ class VSADModule(L.LightningModule):
             when ``use_frm`` is false (L_r is FRM's loss, so the FRM ablation drops both).
         max_train_timestep: draw training timesteps from ``[0, max_train_timestep)`` rather
             than the whole schedule (``None``, the paper's choice); see ``diffusion_objective``.
-        lr, weight_decay: AdamW.
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's weight decay.
         warmup_steps: linear warm-up steps of the learning rate (0: none).
         lr_schedule: ``constant`` or ``cosine`` decay to 0 over the estimated training steps.
         feature_mode: ``inversion`` (DDIM inversion to ``t_star`` in ``inversion_steps`` steps)
             or ``noise`` (deterministic forward noising with ``feature_seed``).
-        t_star, inversion_steps, feature_seed: see ``feature_mode``.
+        t_star: the timestep the features are read at (``feature_mode``).
+        inversion_steps: DDIM inversion steps from 0 to ``t_star`` (``inversion`` mode).
+        feature_seed: the noise seed of ``noise`` mode.
         level_weights: ``w_l`` in the pixel score, one per feature level (default: all 1).
         latent_weight: ``w`` of one extra level, the encoder's latent ``z_v`` itself (key
             ``LATENT_LEVEL``); 0 (default, the paper) leaves it out. The U-Net's features
@@ -204,7 +211,8 @@ class VSADModule(L.LightningModule):
             ``sigma`` (median + ``threshold_sigma`` x 1.4826 MAD). The 0.95 quantile lies
             inside the data of ~40 normals (between the 38th and 39th largest) instead of
             extrapolating a tail shape; measured in the README's options table.
-        threshold_quantile, threshold_sigma: the value of each rule.
+        threshold_quantile: the quantile of the ``quantile`` rule, in (0, 1).
+        threshold_sigma: the number of robust standard deviations of the ``sigma`` rule.
         calibration_floor: the per-pixel spread of the ``position`` mode is at least this
             fraction of its view's mean spread, so that a place where normals never vary (flat
             background) cannot turn a tiny change into a huge score; at 1.0 (default) places
@@ -326,11 +334,6 @@ class VSADModule(L.LightningModule):
         self.bad_steps_in_a_row = 0
 
     # ----------------------------------------------------------------------------- plumbing
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
-        if isinstance(batch, MultiViewBatch):
-            return batch.to(device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.encoder.eval()  # frozen: keep it deterministic in every stage
