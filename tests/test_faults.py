@@ -25,6 +25,7 @@ from test_system import DEMO_CONFIG, SMALL, run_script
 from vsad_lightning.cli.run import RunCheckpoint, _checkpoint_info, fit_main
 from vsad_lightning.data.datamodule import MultiViewDataModule, ResumableShuffleSampler
 from vsad_lightning.data.dataset import cache_path_for
+from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.metrics.export import REQUIRED_KEYS, write_metrics
 from vsad_lightning.system.module import NonFiniteLossError, VSADModule
@@ -260,7 +261,7 @@ def test_interrupted_cache_write_leaves_the_previous_cache(
     before = path.read_bytes()
     cache = HomographyCache.load(path)
     _fail_at_fsync(monkeypatch)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(DataError, match=f"could not write {path} .simulated crash"):
         cache.save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
@@ -272,7 +273,7 @@ def test_interrupted_metrics_write_leaves_the_previous_files(tmp_path, monkeypat
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(before) == {"metrics.json", "metrics.csv"}
     _fail_at_fsync(monkeypatch)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(DataError, match="simulated crash"):
         write_metrics(tmp_path, {**results, "pixel_auroc": 0.9}, "brick")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 

@@ -18,7 +18,6 @@ timestamp is optional. A view is anomalous when its entry has a mask.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from vsad_lightning.data.dataset import (
 )
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
+from vsad_lightning.utils.io import read_json
 
 REALIAD_STEM = re.compile(
     r"^(?P<sample>.+?_\d{4,}_[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*?)"  # <category>_<digits>_<class>...
@@ -115,10 +115,7 @@ def index_realiad(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     json_path = realiad_json_path(root, category)
     category_dir = realiad_category_dir(root, category, resolution)
-    try:
-        document = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{json_path} is not valid JSON ({e})") from e
+    document = read_json(json_path, "Real-IAD split file")
     if not isinstance(document, dict) or not isinstance(document.get(split), list):
         raise DataError(
             f"{json_path}: expected an object with a {split!r} list "
