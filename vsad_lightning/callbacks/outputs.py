@@ -13,7 +13,7 @@ from torch import Tensor
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.geometry.registration import sample_to_original
 from vsad_lightning.metrics.export import write_metrics
-from vsad_lightning.utils.io import atomic_write_json
+from vsad_lightning.utils.io import atomic_write_json, write_image
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -105,7 +105,7 @@ class AnomalyMapPictures(L.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample_id, images, masks, maps in self._kept:
             picture = self.render(images, masks, maps, vmax=top)
-            cv2.imwrite(str(out_dir / f"{sample_id}.png"), picture[..., ::-1])
+            write_image(out_dir / f"{sample_id}.png", picture[..., ::-1])
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(

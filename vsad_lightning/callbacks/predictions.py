@@ -7,7 +7,6 @@ import csv
 import io
 from pathlib import Path
 
-import cv2
 import lightning as L
 import torch
 from torch import Tensor
@@ -15,7 +14,7 @@ from torch import Tensor
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, run_dir
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.geometry.registration import sample_to_original
-from vsad_lightning.utils.io import atomic_write_text
+from vsad_lightning.utils.io import atomic_write_text, write_image
 
 SCORE_COLUMNS: tuple[str, ...] = (
     "sample_id",
@@ -109,7 +108,7 @@ class PredictionWriter(L.Callback):
                 maps,
                 vmax=vmax,
             )
-            cv2.imwrite(str(self.dir / "maps" / f"{batch.sample_ids[b]}.png"), picture[..., ::-1])
+            write_image(self.dir / "maps" / f"{batch.sample_ids[b]}.png", picture[..., ::-1])
         self._rows.extend(score_rows(batch, outputs))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
