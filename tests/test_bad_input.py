@@ -22,15 +22,25 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vsad_lightning.cli._common import one_line
 from vsad_lightning.cli.run import fit_main, test_main
+from vsad_lightning.data import images as images_module
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.data.dataset import cache_path_for
-from vsad_lightning.data.images import probe_image, write_jpeg, write_mask_png, write_png
+from vsad_lightning.data.images import (
+    probe_image,
+    read_image_rgb,
+    read_mask,
+    write_jpeg,
+    write_mask_png,
+    write_png,
+)
 from vsad_lightning.data.realiad import RealIADDataset
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import CACHE_DIR_NAME
@@ -702,3 +712,70 @@ def test_full_disk_while_writing_the_cache(
     assert_no_run_folder(runs)
     assert digest_tree(root) == before
     assert not list(caches.glob("*")), "a half-written cache or temporary file was left"
+
+
+# --------------------------------------------- accepted with a documented conversion
+def test_non_rgb_views_are_converted_as_documented(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    # RGBA: the alpha channel is dropped, the colour under it kept as stored.
+    alpha = np.dstack([bgr, np.zeros((6, 7), np.uint8)])
+    cv2.imwrite(str(tmp_path / "rgba.png"), alpha)
+    np.testing.assert_array_equal(read_image_rgb(tmp_path / "rgba.png"), rgb)
+    # 16 bit: scaled to 8 bit, round(v / 257).
+    deep = rgb.astype(np.uint16) * 257 + 100
+    cv2.imwrite(str(tmp_path / "deep.png"), np.ascontiguousarray(deep[..., ::-1]))
+    np.testing.assert_array_equal(
+        read_image_rgb(tmp_path / "deep.png"), np.round(deep / 257).astype(np.uint8)
+    )
+    # Grey: repeated into R, G and B.
+    cv2.imwrite(str(tmp_path / "grey.png"), rgb[..., 0])
+    np.testing.assert_array_equal(read_image_rgb(tmp_path / "grey.png"), rgb[..., [0, 0, 0]])
+    # CMYK JPEG: converted to RGB by the decoder, close to Pillow's own conversion.
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.jpg", quality=100)
+    with Image.open(tmp_path / "cmyk.jpg") as reference:
+        expected = np.asarray(reference.convert("RGB"), dtype=np.int16)
+    got = read_image_rgb(tmp_path / "cmyk.jpg")
+    assert got.shape == (6, 7, 3) and np.abs(got.astype(np.int16) - expected).max() <= 2
+
+
+def test_mask_threshold_is_half_scale_so_jpeg_ringing_is_not_a_defect(tmp_path):
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 25:35] = True
+    write_mask_png(tmp_path / "mask.png", mask)
+    grey = np.where(mask, 255, 0).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "mask.jpg"), grey, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    ringing = cv2.imread(str(tmp_path / "mask.jpg"), cv2.IMREAD_UNCHANGED)
+    assert ((ringing > 0) & ~mask).sum() > 0  # the JPEG grew the mask under "> 0"
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)
+    assert (read_mask(tmp_path / "mask.jpg") != mask).sum() <= 4  # the drawn area, kept
+    cv2.imwrite(str(tmp_path / "labels.png"), mask.astype(np.uint8))  # a 0/1 label image
+    np.testing.assert_array_equal(read_mask(tmp_path / "labels.png"), mask)
+    cv2.imwrite(str(tmp_path / "mask16.png"), np.where(mask, 40000, 30000).astype(np.uint16))
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask16.png"), mask)
+
+
+def test_exif_orientation_is_used_as_stored_with_a_warning(tmp_path):
+    stored = np.zeros((4, 8, 3), np.uint8)
+    stored[:, :4] = 255
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    images_module._WARNED_EXIF.clear()
+    with pytest.warns(UserWarning, match=r"rotated\.jpg has EXIF orientation 6: it is used as"):
+        assert probe_image(tmp_path / "rotated.jpg") == (8, 4)
+    assert read_image_rgb(tmp_path / "rotated.jpg").shape == (4, 8, 3)  # not rotated
+
+
+def test_image_size_cap_is_read_from_the_header_and_can_be_raised(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header_claiming(20000, 20000))  # 400 MP claimed in 100 bytes
+    with pytest.raises(DataError, match=r"huge\.png claims 20000x20000 px .*VSAD_MAX_IMAGE_PIX"):
+        read_image_rgb(path)
+    monkeypatch.setenv("VSAD_MAX_IMAGE_PIXELS", str(20000 * 20000))
+    assert probe_image(path) == (20000, 20000)  # the documented override
+    monkeypatch.setenv("VSAD_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(DataError, match="VSAD_MAX_IMAGE_PIXELS='lots' is not an integer"):
+        probe_image(path)
