@@ -8,6 +8,7 @@ behind: no run folder ``version_N`` and no new or half-written file in the datas
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vsad_lightning.cli._common import one_line
+from vsad_lightning.cli._common import one_line, report_data_errors
 from vsad_lightning.cli.run import fit_main, test_main
 from vsad_lightning.data import images as images_module
 from vsad_lightning.data.datamodule import MultiViewDataModule
@@ -779,3 +780,19 @@ def test_image_size_cap_is_read_from_the_header_and_can_be_raised(tmp_path, monk
     monkeypatch.setenv("VSAD_MAX_IMAGE_PIXELS", "lots")
     with pytest.raises(DataError, match="VSAD_MAX_IMAGE_PIXELS='lots' is not an integer"):
         probe_image(path)
+
+
+def test_a_full_storage_met_by_a_library_write_is_one_line(tmp_path, capsys):
+    @report_data_errors
+    def writes(code: int) -> int:
+        raise OSError(code, os.strerror(code), str(tmp_path / "events.out.tfevents.1"))
+
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+        with pytest.raises(SystemExit) as info:
+            writes(code)
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: could not write {tmp_path / 'events.out.tfevents.1'} ({os.strerror(code)})\n"
+        )
+    with pytest.raises(FileNotFoundError):  # not a storage problem: a bug, with its traceback
+        writes(errno.ENOENT)
