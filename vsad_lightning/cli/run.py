@@ -122,8 +122,6 @@ def find_resume_checkpoint(
     version, folder = versions[-1]
     if any((folder / marker).exists() for marker in FINAL_MARKERS):
         return None
-    if claim and not _runfolder.hold(folder):
-        return None  # another run is still writing it: start a new version
     own = sorted((folder / "checkpoints").glob("*.ckpt"))
     hpc = sorted(Path(root).glob(HPC_PATTERN))
     best: tuple[int, Path] | None = None
@@ -137,7 +135,11 @@ def find_resume_checkpoint(
         # Strictly greater: on a tie the version folder's own checkpoint (listed first) wins.
         if best is None or step > best[0]:
             best = (step, path)
-    return None if best is None else (version, best[1])
+    if best is None:
+        return None
+    if claim and not _runfolder.hold(folder):
+        return None  # another live run is still writing it: start a new version
+    return version, best[1]
 
 
 class VSADCLI(LightningCLI):
