@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from vsad_lightning.cli._common import one_line, report_data_errors
-from vsad_lightning.cli.run import fit_main, test_main
+from vsad_lightning.cli.run import fit_main
+from vsad_lightning.cli.run import test_main as vsad_test_main
 from vsad_lightning.data import images as images_module
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.data.dataset import cache_path_for
@@ -616,7 +617,7 @@ def test_truncated_checkpoint_given_to_vsad_test(
     args = [*fit_args(synthetic_root_cached, runs, tiny_fit_args, []), "--ckpt_path", str(ckpt)]
     capfd.readouterr()
     with pytest.raises(SystemExit) as info:
-        test_main(args)
+        vsad_test_main(args)
     err = capfd.readouterr().err
     assert_one_error_text(info.value.code, err, [re.escape(str(ckpt)), "cannot be read"])
     assert_no_run_folder(runs)  # no test/version_0 either
