@@ -8,20 +8,44 @@ behind: no run folder ``version_N`` and no new or half-written file in the datas
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import re
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from vsad_lightning.cli._common import one_line
+from vsad_lightning.cli._common import one_line, report_data_errors
+from vsad_lightning.cli.run import fit_main
+from vsad_lightning.cli.run import test_main as vsad_test_main
+from vsad_lightning.data import images as images_module
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.data.dataset import cache_path_for
-from vsad_lightning.data.images import probe_image, write_jpeg, write_mask_png, write_png
+from vsad_lightning.data.images import (
+    probe_image,
+    read_image_rgb,
+    read_mask,
+    write_jpeg,
+    write_mask_png,
+    write_png,
+)
 from vsad_lightning.data.realiad import RealIADDataset
 from vsad_lightning.errors import DataError
+from vsad_lightning.geometry.cache import CACHE_DIR_NAME
 
 CATEGORY = "brick"
 
@@ -409,3 +433,367 @@ def test_only_unreliable_pairs_between_neighbours_are_reported(
     assert subset.removed_neighbour_pairs() == ["C2->C4", "C4->C2"]
     assert subset.homography_report()["views"] == ["C1", "C2", "C3", "C4"]
     assert subset.homography_report()["cache_views"] == synthetic_spec.views
+
+
+# ============================================================================ hostile input
+# One table: every row is a hostile input or a bad config value. Each must end in exit code 2,
+# exactly one ``error:`` line (the last line of stderr) matching the row's patterns, no
+# traceback, no run folder left behind, and the dataset's bytes unchanged (hashed before and
+# after). Rows run ``vsad-fit`` in process (the console script's own ``main``: no start-up
+# cost); the rows that need another user or a file-size limit run the console script itself.
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file below ``root`` (symlinks not followed)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and os.access(p, os.R_OK)
+    }
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A valid, tiny PNG whose header claims ``width x height`` px (a decompression bomb's
+    header: the pixels would cost ``3 W H`` bytes to decode)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def cache_file(root: Path) -> Path:
+    return cache_path_for(root, CATEGORY, 64)
+
+
+def edit_cache(root: Path, edit: Callable[[dict], None]) -> None:
+    document = json.loads(cache_file(root).read_text())
+    edit(document)
+    cache_file(root).write_text(json.dumps(document))
+
+
+# Each row: (name, corrupt(root, tmp) -> (extra args, [patterns])).
+def _config(*args: str, patterns: list[str]):
+    return lambda root, tmp: (list(args), patterns)
+
+
+def bomb_header(root: Path, tmp: Path):
+    entry = first_entry(root, "train", "C2")
+    path = category_dir(root) / entry["image_path"]
+    path.write_bytes(png_header_claiming(60000, 60000))
+    return [], [re.escape(path.name), "claims 60000x60000 px", "VSAD_MAX_IMAGE_PIXELS"]
+
+
+def bomb_header_no_cache(root: Path, tmp: Path):
+    # No cache yet (an empty --data.cache_dir): homography estimation reads the image first.
+    args, patterns = bomb_header(root, tmp)
+    (tmp / "empty_cache").mkdir()
+    return [*args, "--data.cache_dir", str(tmp / "empty_cache")], patterns
+
+
+def cache_binary(root: Path, tmp: Path):
+    cache_file(root).write_bytes(bytes(range(256)) * 4)
+    return [], [re.escape(str(cache_file(root))), "not UTF-8"]
+
+
+def cache_pairs_list(root: Path, tmp: Path):
+    edit_cache(root, lambda d: d.update(pairs=list(d["pairs"].values())))
+    return [], [re.escape(str(cache_file(root))), "'pairs' must be an object"]
+
+
+def cache_image_size_zero(root: Path, tmp: Path):
+    edit_cache(root, lambda d: d.update(image_size=[0, 0]))
+    return [], [re.escape(str(cache_file(root))), r"'image_size' must be \[W, H\] positive"]
+
+
+def cache_is_a_folder(root: Path, tmp: Path):
+    path = cache_file(root)
+    path.unlink()
+    path.mkdir()
+    return [], [re.escape(str(path)), "is a folder; expected a JSON file"]
+
+
+def cache_of_another_category(root: Path, tmp: Path):
+    edit_cache(root, lambda d: d.update(category="gravel"))
+    return [], [re.escape(str(cache_file(root))), "cache of category 'gravel'", "'brick'"]
+
+
+def split_json_latin1(root: Path, tmp: Path):
+    document = json.loads(split_file(root).read_text())
+    document["meta"] = {"note": "pièce défectueuse"}
+    split_file(root).write_bytes(json.dumps(document, ensure_ascii=False).encode("latin-1"))
+    return [], [re.escape(str(split_file(root))), "not UTF-8", "UTF-8 JSON"]
+
+
+def same_sample_in_both_splits(root: Path, tmp: Path):
+    def leak(document: dict) -> None:
+        document["test"].append(dict(document["train"][3]))
+
+    edit_split(root, leak)
+    n_test = len(json.loads(split_file(root).read_text())["test"]) - 1
+    return [], ["in both splits", r"train\[3\]", rf"test\[{n_test}\]", "brick_"]
+
+
+HOSTILE_CASES = {
+    "t_star_beyond_schedule": _config(
+        "--model.t_star", "5000", patterns=[r"model\.t_star must be in \[1, 999\]", "5000"]
+    ),
+    "negative_sigma": _config("--model.sigma", "-1", patterns=[r"model\.sigma must be >= 0"]),
+    "window_0": _config("--model.window", "0", patterns=[r"model\.window .*odd"]),
+    "window_2": _config("--model.window", "2", patterns=[r"model\.window .*odd", "got 2"]),
+    "num_heads_3": _config("--model.num_heads", "3", patterns=["divisible by num_heads"]),
+    "image_size_60": _config("--data.image_size", "60", patterns=["image_size 60", "multiple"]),
+    "inversion_steps_0": _config(
+        "--model.inversion_steps", "0", patterns=[r"model\.inversion_steps must be >= 1"]
+    ),
+    "feature_level_9": _config(
+        "--model.feature_levels", "[9]", patterns=["feature level 9 does not exist"]
+    ),
+    "coreset_ratio_0": _config(
+        "--bank.coreset_ratio", "0", patterns=["coreset_ratio", r"\(0, 1\]"]
+    ),
+    "negative_lr": _config("--model.lr", "-1", patterns=[r"model\.lr must be >= 0"]),
+    "negative_num_workers": _config(
+        "--data.num_workers", "-1", patterns=[r"data\.num_workers must be >= 0"]
+    ),
+    "positional_bank_with_coreset": _config(
+        "--bank.coreset_ratio", "0.5", patterns=["positional", r"bank\.coreset_ratio to 1\.0"]
+    ),
+    "negative_checkpoint_steps": _config(
+        "--checkpoint_every_n_steps", "-1", patterns=["checkpoint_every_n_steps must be >= 0"]
+    ),
+    "bomb_header": bomb_header,
+    "bomb_header_no_cache": bomb_header_no_cache,
+    "cache_binary": cache_binary,
+    "cache_pairs_list": cache_pairs_list,
+    "cache_image_size_zero": cache_image_size_zero,
+    "cache_is_a_folder": cache_is_a_folder,
+    "cache_of_another_category": cache_of_another_category,
+    "split_json_latin1": split_json_latin1,
+    "same_sample_in_both_splits": same_sample_in_both_splits,
+}
+
+
+def assert_one_error_text(code: int | None, stderr: str, patterns: list[str]) -> str:
+    """``assert_one_error_line`` for an in-process run (exit code and captured stderr)."""
+    return assert_one_error_line(
+        SimpleNamespace(returncode=code, stderr=stderr), patterns
+    )  # same contract as the console script
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize("name", list(HOSTILE_CASES))
+def test_hostile_input_ends_in_one_error_line(
+    name, synthetic_root_cached, copy_dataset, tiny_fit_args, tmp_path, capfd, one_torch_thread
+):
+    root = copy_dataset(synthetic_root_cached, tmp_path / "data")
+    extra, patterns = HOSTILE_CASES[name](root, tmp_path)
+    before = digest_tree(root)
+    runs = tmp_path / "runs"
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as info:
+        fit_main(fit_args(root, runs, tiny_fit_args, extra))
+    assert_one_error_text(info.value.code, capfd.readouterr().err, patterns)
+    assert_no_run_folder(runs)
+    assert digest_tree(root) == before
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_truncated_checkpoint_given_to_vsad_test(
+    synthetic_root_cached, tiny_fit_args, tmp_path, capfd, one_torch_thread
+):
+    ckpt = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(50_000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:60_000])  # a copy cut short (a full disk, a kill)
+    runs = tmp_path / "runs"
+    before = digest_tree(synthetic_root_cached)
+    args = [*fit_args(synthetic_root_cached, runs, tiny_fit_args, []), "--ckpt_path", str(ckpt)]
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as info:
+        vsad_test_main(args)
+    err = capfd.readouterr().err
+    assert_one_error_text(info.value.code, err, [re.escape(str(ckpt)), "cannot be read"])
+    assert_no_run_folder(runs)  # no test/version_0 either
+    assert digest_tree(synthetic_root_cached) == before
+
+
+# ------------------------------------------- rows that need file permissions or a size limit
+def _without_root_powers() -> list[str]:
+    """A command prefix under which file modes apply: root normally ignores them, so as root
+    drop the capabilities that override them (``setpriv``, util-linux)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes cannot be enforced")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def _run_fit(args: list[str], prefix: list[str] = (), **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("VSAD_DEBUG", None)
+    env.pop("VSAD_CACHE_DIR", None)
+    return subprocess.run(
+        [*prefix, str(Path(sys.executable).parent / "vsad-fit"), *args],
+        capture_output=True, text=True, timeout=600, env=env, **popen,
+    )  # fmt: skip
+
+
+def _set_modes(root: Path, folder_mode: int) -> None:
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        folder.chmod(folder_mode)
+
+
+@SLOW
+def test_read_only_dataset_without_cache_says_how_to_move_the_cache(
+    synthetic_root_cached, copy_dataset, tiny_fit_args, tmp_path
+):
+    root = copy_dataset(synthetic_root_cached, tmp_path / "data")
+    shutil.rmtree(root / CACHE_DIR_NAME)  # no cache yet: vsad-fit must write one
+    before = digest_tree(root)
+    runs = tmp_path / "runs"
+    _set_modes(root, 0o555)  # a read-only dataset
+    try:
+        proc = _run_fit(fit_args(root, runs, tiny_fit_args, []), _without_root_powers())
+    finally:
+        _set_modes(root, 0o755)
+    assert_one_error_line(
+        proc,
+        [re.escape(str(cache_file(root))), "Permission denied", "--data.cache_dir",
+         "VSAD_CACHE_DIR"],
+    )  # fmt: skip
+    assert_no_run_folder(runs)
+    assert digest_tree(root) == before
+
+
+@SLOW
+def test_unreadable_cache_of_another_user(
+    synthetic_root_cached, copy_dataset, tiny_fit_args, tmp_path
+):
+    root = copy_dataset(synthetic_root_cached, tmp_path / "data")
+    before = digest_tree(root)
+    runs = tmp_path / "runs"
+    cache_file(root).chmod(0o000)  # as another user's private file looks to us
+    try:
+        proc = _run_fit(fit_args(root, runs, tiny_fit_args, []), _without_root_powers())
+    finally:
+        cache_file(root).chmod(0o644)
+    assert_one_error_line(
+        proc, [re.escape(str(cache_file(root))), "cannot be read", "Permission denied"]
+    )
+    assert_no_run_folder(runs)
+    assert digest_tree(root) == before
+
+
+def _limit_file_size(limit: int):
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+@SLOW
+def test_full_disk_while_writing_the_cache(
+    synthetic_root_cached, copy_dataset, tiny_fit_args, tmp_path
+):
+    root = copy_dataset(synthetic_root_cached, tmp_path / "data")
+    caches = tmp_path / "caches"  # no cache there yet: vsad-fit estimates and writes one
+    before = digest_tree(root)
+    runs = tmp_path / "runs"
+    proc = _run_fit(
+        fit_args(root, runs, tiny_fit_args, ["--data.cache_dir", str(caches)]),
+        preexec_fn=_limit_file_size(2000),  # `ulimit -f`: the cache JSON is larger
+    )
+    assert_one_error_line(proc, [re.escape(str(caches)), "File too large"])
+    assert_no_run_folder(runs)
+    assert digest_tree(root) == before
+    assert not list(caches.glob("*")), "a half-written cache or temporary file was left"
+
+
+# --------------------------------------------- accepted with a documented conversion
+def test_non_rgb_views_are_converted_as_documented(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    # RGBA: the alpha channel is dropped, the colour under it kept as stored.
+    alpha = np.dstack([bgr, np.zeros((6, 7), np.uint8)])
+    cv2.imwrite(str(tmp_path / "rgba.png"), alpha)
+    np.testing.assert_array_equal(read_image_rgb(tmp_path / "rgba.png"), rgb)
+    # 16 bit: scaled to 8 bit, round(v / 257).
+    deep = rgb.astype(np.uint16) * 257 + 100
+    cv2.imwrite(str(tmp_path / "deep.png"), np.ascontiguousarray(deep[..., ::-1]))
+    np.testing.assert_array_equal(
+        read_image_rgb(tmp_path / "deep.png"), np.round(deep / 257).astype(np.uint8)
+    )
+    # Grey: repeated into R, G and B.
+    cv2.imwrite(str(tmp_path / "grey.png"), rgb[..., 0])
+    np.testing.assert_array_equal(read_image_rgb(tmp_path / "grey.png"), rgb[..., [0, 0, 0]])
+    # CMYK JPEG: converted to RGB by the decoder, close to Pillow's own conversion.
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.jpg", quality=100)
+    with Image.open(tmp_path / "cmyk.jpg") as reference:
+        expected = np.asarray(reference.convert("RGB"), dtype=np.int16)
+    got = read_image_rgb(tmp_path / "cmyk.jpg")
+    assert got.shape == (6, 7, 3) and np.abs(got.astype(np.int16) - expected).max() <= 2
+
+
+def test_mask_threshold_is_half_scale_so_jpeg_ringing_is_not_a_defect(tmp_path):
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 25:35] = True
+    write_mask_png(tmp_path / "mask.png", mask)
+    grey = np.where(mask, 255, 0).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "mask.jpg"), grey, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    ringing = cv2.imread(str(tmp_path / "mask.jpg"), cv2.IMREAD_UNCHANGED)
+    assert ((ringing > 0) & ~mask).sum() > 0  # the JPEG grew the mask under "> 0"
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), mask)
+    assert (read_mask(tmp_path / "mask.jpg") != mask).sum() <= 4  # the drawn area, kept
+    cv2.imwrite(str(tmp_path / "labels.png"), mask.astype(np.uint8))  # a 0/1 label image
+    np.testing.assert_array_equal(read_mask(tmp_path / "labels.png"), mask)
+    cv2.imwrite(str(tmp_path / "mask16.png"), np.where(mask, 40000, 30000).astype(np.uint16))
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask16.png"), mask)
+
+
+def test_exif_orientation_is_used_as_stored_with_a_warning(tmp_path):
+    stored = np.zeros((4, 8, 3), np.uint8)
+    stored[:, :4] = 255
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    images_module._WARNED_EXIF.clear()
+    with pytest.warns(UserWarning, match=r"rotated\.jpg has EXIF orientation 6: it is used as"):
+        assert probe_image(tmp_path / "rotated.jpg") == (8, 4)
+    assert read_image_rgb(tmp_path / "rotated.jpg").shape == (4, 8, 3)  # not rotated
+
+
+def test_image_size_cap_is_read_from_the_header_and_can_be_raised(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header_claiming(20000, 20000))  # 400 MP claimed in 100 bytes
+    with pytest.raises(DataError, match=r"huge\.png claims 20000x20000 px .*VSAD_MAX_IMAGE_PIX"):
+        read_image_rgb(path)
+    monkeypatch.setenv("VSAD_MAX_IMAGE_PIXELS", str(20000 * 20000))
+    assert probe_image(path) == (20000, 20000)  # the documented override
+    monkeypatch.setenv("VSAD_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(DataError, match="VSAD_MAX_IMAGE_PIXELS='lots' is not an integer"):
+        probe_image(path)
+
+
+def test_a_full_storage_met_by_a_library_write_is_one_line(tmp_path, capsys):
+    @report_data_errors
+    def writes(code: int) -> int:
+        raise OSError(code, os.strerror(code), str(tmp_path / "events.out.tfevents.1"))
+
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+        with pytest.raises(SystemExit) as info:
+            writes(code)
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: could not write {tmp_path / 'events.out.tfevents.1'} ({os.strerror(code)})\n"
+        )
+    with pytest.raises(FileNotFoundError):  # not a storage problem: a bug, with its traceback
+        writes(errno.ENOENT)

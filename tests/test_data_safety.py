@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from vsad_lightning.callbacks.outputs import HOMOGRAPHY_REPORT
+from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.data.synthetic import TRUTH_DIR
-from vsad_lightning.geometry.cache import CACHE_DIR_NAME
+from vsad_lightning.geometry.cache import CACHE_DIR_ENV, CACHE_DIR_NAME
 
 pytestmark = pytest.mark.slow  # four console scripts, one short training run
 
@@ -206,3 +207,26 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused(
     # The bomb is live: a full unpickling (what weights_only=True prevents) runs it.
     torch.load(bomb, map_location="cpu", weights_only=False)
     assert marker.is_dir()
+
+
+def test_cache_dir_leaves_the_dataset_untouched(
+    synthetic_root, copy_dataset, tmp_path, monkeypatch
+):
+    root = copy_dataset(synthetic_root, tmp_path / "data")  # no cache yet
+    before = digest_tree(root)
+    caches = tmp_path / "caches"
+    data = MultiViewDataModule(
+        str(root), CATEGORY, resolution=64, image_size=32, cache_dir=str(caches)
+    )
+    data.prepare_data()  # estimates and writes the cache
+    data.setup("fit")  # and the training split's per-sample homographies
+    assert digest_tree(root) == before and not (root / CACHE_DIR_NAME).exists()
+    written = sorted(p.name for p in caches.iterdir())
+    assert f"homographies_{CATEGORY}_64.json" in written  # the category cache, and beside it
+    assert all(name.startswith(f"homographies_{CATEGORY}_64") for name in written), written
+    # The environment variable finds the same folder (nothing to estimate again).
+    monkeypatch.setenv(CACHE_DIR_ENV, str(caches))
+    assert MultiViewDataModule(str(root), CATEGORY, resolution=64).cache_path == (
+        caches / f"homographies_{CATEGORY}_64.json"
+    )
+    assert cache_path_for(root, CATEGORY, 64).parent == caches

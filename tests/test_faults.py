@@ -13,21 +13,32 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_system import DEMO_CONFIG, SMALL, run_script
 
-from vsad_lightning.cli.run import RunCheckpoint, _checkpoint_info, fit_main
+from vsad_lightning.cli import _runfolder
+from vsad_lightning.cli.run import (
+    RunCheckpoint,
+    _checkpoint_info,
+    find_resume_checkpoint,
+    fit_main,
+)
 from vsad_lightning.data.datamodule import MultiViewDataModule, ResumableShuffleSampler
 from vsad_lightning.data.dataset import cache_path_for
+from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.metrics.export import REQUIRED_KEYS, write_metrics
 from vsad_lightning.system.module import NonFiniteLossError, VSADModule
+from vsad_lightning.utils.checkpoint_io import AtomicCheckpointIO
+from vsad_lightning.utils.io import write_image
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -260,7 +271,7 @@ def test_interrupted_cache_write_leaves_the_previous_cache(
     before = path.read_bytes()
     cache = HomographyCache.load(path)
     _fail_at_fsync(monkeypatch)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(DataError, match=rf"could not write homography cache .*{path.name} .simul"):
         cache.save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
@@ -272,7 +283,7 @@ def test_interrupted_metrics_write_leaves_the_previous_files(tmp_path, monkeypat
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(before) == {"metrics.json", "metrics.csv"}
     _fail_at_fsync(monkeypatch)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(DataError, match="simulated crash"):
         write_metrics(tmp_path, {**results, "pixel_auroc": 0.9}, "brick")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -391,3 +402,196 @@ def test_a_command_run_in_process_does_not_leak_its_run_version(monkeypatch):
     assert RUN_VERSION_ENV not in os.environ
     monkeypatch.setenv(RUN_VERSION_ENV, "7")  # a DDP worker's own value survives
     assert command() == 0 and os.environ[RUN_VERSION_ENV] == "7"
+
+
+# ------------------------------------------------------------------------ one run, one folder
+@pytest.mark.slow
+def test_two_runs_started_together_get_two_consistent_folders(
+    synthetic_root_cached, tiny_fit_args, tmp_path
+):
+    runs = tmp_path / "runs"
+    cmd = [str(BIN / "vsad-fit"), *tiny_fit_args, "--data.root", str(synthetic_root_cached),
+           "--data.category", "brick", "--trainer.default_root_dir", str(runs)]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    folders = sorted(_metrics(out).parent for out, _ in outputs)
+    assert [f.name for f in folders] == ["version_0", "version_1"]
+    for folder in folders:
+        assert (folder / "config.yaml").is_file() and (folder / "metrics.json").is_file()
+        # Every checkpoint in the folder was written by this folder's run.
+        for ckpt in (folder / "checkpoints").glob("*.ckpt"):
+            dirpath = _checkpoint_info(ckpt)[1]
+            assert dirpath is None or Path(dirpath).resolve() == (folder / "checkpoints").resolve()
+        events = list(folder.glob("events.out.tfevents.*"))
+        assert len({e.name.split(".")[4] for e in events}) == 1  # one process (pid) wrote them
+    # Same seed, same config: the two runs are the same experiment, so the same numbers.
+    metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+    assert metrics[0] == metrics[1]
+
+
+def _hold_in_child(folder: Path) -> subprocess.Popen:
+    """A live process holding ``folder`` the way a running ``vsad-fit`` does."""
+    code = (
+        "import sys\n"
+        "from vsad_lightning.cli import _runfolder\n"
+        "assert _runfolder.hold(sys.argv[1])\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_live_run_is_never_resumed_by_a_second_one(tmp_path):
+    folder = tmp_path / "realiad" / "brick" / "version_0"
+    (folder / "checkpoints").mkdir(parents=True)
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    torch.save({"global_step": 3, "callbacks": {}}, ckpt)
+    child = _hold_in_child(folder)
+    try:
+        assert find_resume_checkpoint(tmp_path, "realiad/brick", claim=True) is None
+        # A new run claims the next number instead, atomically.
+        assert _runfolder.claim_version(tmp_path / "realiad" / "brick") == 1
+        _runfolder.end_command(failed=True, trained=False)  # nothing in it: removed again
+        assert not (tmp_path / "realiad" / "brick" / "version_1").exists()
+    finally:
+        child.communicate("")
+    # The holder ended (however it ended): its run can now be resumed.
+    assert find_resume_checkpoint(tmp_path, "realiad/brick", claim=True) == (0, ckpt)
+    _runfolder.end_command(failed=False, trained=True)
+
+
+def test_claimed_versions_are_distinct_across_processes(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from vsad_lightning.cli import _runfolder\n"
+        "time.sleep(float(sys.argv[2]) - time.time())\n"  # start together
+        "print(_runfolder.claim_version(sys.argv[1]))\n"
+    )
+    start = str(time.time() + 1.5)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path), start],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )  # fmt: skip
+        for _ in range(4)
+    ]
+    versions = sorted(int(p.communicate(timeout=60)[0]) for p in procs)
+    assert versions == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"version_{v}" for v in versions]
+
+
+# ------------------------------------------------------------------------ writes that fail
+_LIMITED_WRITER = """
+import resource, sys
+import numpy as np
+from vsad_lightning.errors import DataError
+from vsad_lightning.utils.io import write_image
+from vsad_lightning.utils.checkpoint_io import AtomicCheckpointIO
+import torch
+folder = sys.argv[1]
+noise = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)  # ~480 KB PNG
+io = AtomicCheckpointIO()
+io.save_checkpoint({"w": torch.zeros(10)}, folder + "/last.ckpt")  # small: fits
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # `ulimit -f`
+for write in (
+    lambda: io.save_checkpoint({"w": torch.zeros(100_000)}, folder + "/last.ckpt"),
+    lambda: write_image(folder + "/map.png", noise),
+):
+    try:
+        write()
+        print("written")
+    except DataError as e:
+        print("error:", e)
+"""
+
+
+def test_writes_beyond_a_file_size_limit_fail_in_one_line_and_leave_the_old_file(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIMITED_WRITER, str(tmp_path)],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines == [
+        f"error: could not write checkpoint {tmp_path / 'last.ckpt'} (File too large)",
+        f"error: could not write picture {tmp_path / 'map.png'} (File too large)",
+    ]
+    # The previous checkpoint is intact, nothing half-written, no temporary file anywhere.
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["w"].shape == (10,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_checkpoints_are_staged_beside_their_target_not_in_tmpdir(tmp_path, monkeypatch):
+    staging = tmp_path / "tmpdir"
+    staging.mkdir()
+    monkeypatch.setenv("TMPDIR", str(staging))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    seen: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def spy(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        seen.append(path)
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
+    assert [Path(p).parent for p in seen] == [target.parent]
+    assert torch.load(target, weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert not list(staging.iterdir())
+
+
+def test_write_image_names_the_file_it_could_not_write(tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(DataError, match=r"could not write picture .*blocker/maps/a\.png"):
+        write_image(tmp_path / "blocker" / "maps" / "a.png", np.zeros((4, 4, 3), np.uint8))
+
+
+# ------------------------------------------------------------------------ the user's umask
+def _read_as_nobody(path: Path) -> bool:
+    """Whether user ``nobody`` can read ``path`` (``setpriv`` switches user; root only)."""
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
+        capture_output=True,
+    )
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_results_and_caches_follow_the_umask(umask, synthetic_root_cached):
+    base = Path(tempfile.mkdtemp(prefix="vsad-umask-"))
+    base.chmod(0o755)  # enterable by everyone, so only the files' own modes decide
+    previous = os.umask(umask)
+    try:
+        write_metrics(base, {key: 0.5 for key in REQUIRED_KEYS}, "brick")
+        HomographyCache.load(cache_path_for(synthetic_root_cached, "brick", 64)).save(
+            base / "vsad_cache" / "homographies_brick_64.json"
+        )
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1)}, base / "final.ckpt")
+        write_image(base / "images" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    finally:
+        os.umask(previous)
+    try:
+        files = [p for p in base.rglob("*") if p.is_file()]
+        assert len(files) == 5
+        for path in files:
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+        (base / "vsad_cache").chmod(0o755)
+        (base / "images").chmod(0o755)
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            assert all(_read_as_nobody(p) == (umask == 0o022) for p in files)
+    finally:
+        shutil.rmtree(base)

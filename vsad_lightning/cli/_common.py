@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import pickle
@@ -54,22 +55,39 @@ def unsafe_pickle_message(error: pickle.UnpicklingError, argv: Sequence[str]) ->
     )
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+"""``OSError``s that mean "the storage refused the write": a full disk, ``ulimit -f``, a quota,
+a read-only file system. Whoever wrote the file (this project or a library: TensorBoard's
+event files, Lightning's ``config.yaml``), the user's remedy is the same."""
+
+
+def storage_error_message(error: OSError) -> str:
+    """One line naming the file the storage refused (``could not write FILE (reason)``)."""
+    reason = error.strerror or os.strerror(error.errno or 0)
+    return f"could not write {error.filename} ({reason})" if error.filename else reason
+
+
 def report_data_errors(main: F) -> F:
     """Wrap a console-script ``main``: a ``DataError`` prints ``error: <message>`` on stderr and
     exits with code 2, without a traceback unless ``VSAD_DEBUG=1``.
 
     A checkpoint refused by ``torch.load(..., weights_only=True)`` (``pickle.UnpicklingError``:
-    it holds arbitrary objects, e.g. a pickle bomb) is reported the same way.
+    it holds arbitrary objects, e.g. a pickle bomb) is reported the same way, and so is an
+    ``OSError`` of a full or read-only storage (``STORAGE_ERRNOS``) raised by a library.
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (DataError, pickle.UnpicklingError) as e:
+        except (DataError, pickle.UnpicklingError, OSError) as e:
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
-            if isinstance(e, DataError):
+            if isinstance(e, OSError) and e.errno not in STORAGE_ERRNOS:
+                raise
+            if isinstance(e, OSError):
+                message = one_line(storage_error_message(e))
+            elif isinstance(e, DataError):
                 message = one_line(str(e))
             else:
                 given = [a for a in (*args, *kwargs.values()) if isinstance(a, list | tuple)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, MetricsFileCallback
@@ -43,11 +45,14 @@ from vsad_lightning.callbacks.preemption import (
     stops_on_signals,
 )
 from vsad_lightning.callbacks.progress import LogProgressBar
-from vsad_lightning.cli._common import report_data_errors
+from vsad_lightning.cli import _runfolder
+from vsad_lightning.cli._common import one_line, report_data_errors
+from vsad_lightning.cli._validate import validate_model_options, validate_run
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics.export import format_metrics_table
 from vsad_lightning.system.module import VSADModule
+from vsad_lightning.utils.checkpoint_io import AtomicCheckpointIO
 from vsad_lightning.utils.progress import use_terminal_bar
 from vsad_lightning.utils.quiet import quiet_known_noise
 
@@ -114,11 +119,14 @@ def _same_path(a: str | os.PathLike | None, b: str | os.PathLike) -> bool:
     return a is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def find_resume_checkpoint(root: str | os.PathLike, name: str) -> tuple[int, Path] | None:
+def find_resume_checkpoint(
+    root: str | os.PathLike, name: str, claim: bool = False
+) -> tuple[int, Path] | None:
     """``(version, checkpoint)`` to resume ``<root>/<name>/version_N`` from, or ``None``.
 
     See the module docstring for the rule. A checkpoint that cannot be read (a write cut by
-    ``kill -9`` is the usual cause; Lightning writes checkpoints in place) is skipped.
+    ``kill -9`` is the usual cause) is skipped. With ``claim``, a folder that another live run
+    holds (``cli._runfolder``) is never resumed, and the one chosen is held by this process.
     """
     runs = Path(root) / name
     versions = sorted(
@@ -144,7 +152,11 @@ def find_resume_checkpoint(root: str | os.PathLike, name: str) -> tuple[int, Pat
         # Strictly greater: on a tie the version folder's own checkpoint (listed first) wins.
         if best is None or step > best[0]:
             best = (step, path)
-    return None if best is None else (version, best[1])
+    if best is None:
+        return None
+    if claim and not _runfolder.hold(folder):
+        return None  # another live run is still writing it: start a new version
+    return version, best[1]
 
 
 class VSADCLI(LightningCLI):
@@ -209,8 +221,25 @@ class VSADCLI(LightningCLI):
         if self.command == "predict":
             parser.add_lightning_class_args(PredictionWriter, "output")
 
+    def instantiate_classes(self) -> None:
+        """The constructors refuse bad values with a ``ValueError``: report it as one line
+        (``DataError``), before any run folder exists."""
+        validate_model_options(self._get(self.config, "model", default=None))
+        try:
+            super().instantiate_classes()
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(f"invalid configuration: {one_line(str(e))}") from e
+
     def instantiate_trainer(self, **kwargs: Any):
+        # Every value that can be checked without data, before the run folder is claimed.
+        validate_run(self.model, self.datamodule, self._get(self.config_init, "bank"))
         config = self._get(self.config_init, "trainer", default={})
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if config.get("logger") in (None, True):
             kwargs["logger"] = self._run_logger(config.get("default_root_dir") or "runs")
         every = self._get(self.config_init, "checkpoint_every_n_steps", default=0) or 0
@@ -219,7 +248,9 @@ class VSADCLI(LightningCLI):
             kwargs["callbacks"].append(LogProgressBar())  # plain lines in a batch log
         if getattr(self.datamodule, "val_fraction", None) == 0:
             kwargs["limit_val_batches"] = 0  # no held-out normals: no validation loop at all
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        _runfolder_trainer[:] = [trainer]
+        return trainer
 
     def _run_logger(self, root: str) -> TensorBoardLogger:
         data = self.datamodule
@@ -229,6 +260,9 @@ class VSADCLI(LightningCLI):
         version = os.environ.get(RUN_VERSION_ENV)
         if self.command == "fit":
             version = self._resume_version(root, name, version)
+        if version is None:  # rank 0 of a new run: claim the folder atomically
+            _ensure_writable(root)
+            version = str(_runfolder.claim_version(Path(root) / name))
         logger = TensorBoardLogger(
             save_dir=root,
             name=name,
@@ -253,7 +287,7 @@ class VSADCLI(LightningCLI):
                     "delete them to start afresh"
                 )
             return version
-        found = find_resume_checkpoint(root, name)
+        found = find_resume_checkpoint(root, name, claim=version is None)
         if found is None:
             return version
         found_version, self.resume_from = found
@@ -305,6 +339,30 @@ def _print_results(cli: VSADCLI) -> None:
     print(f"metrics: {writer.metrics_path}")
 
 
+def _one_run_folder(main):
+    """Release the run folder a command holds when it returns, and remove it when the command
+    failed before training without leaving a checkpoint or a result (``cli._runfolder``)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        failed = True
+        try:
+            result = main(*args, **kwargs)
+            failed = False
+            return result
+        finally:
+            trainer = _runfolder_trainer[0] if _runfolder_trainer else None
+            _runfolder_trainer.clear()
+            trained = trainer is not None and trainer.global_step > 0
+            _runfolder.end_command(failed, trained)
+
+    return wrapper
+
+
+_runfolder_trainer: list = []
+"""The running command's Trainer (set by ``VSADCLI.instantiate_trainer``)."""
+
+
 def _run_version_scoped(main):
     """Forget ``VSAD_RUN_VERSION`` when a command returns, as it was before the command.
 
@@ -330,6 +388,7 @@ def _run_version_scoped(main):
 @report_data_errors
 @stops_on_signals
 @_run_version_scoped
+@_one_run_folder
 def fit_main(args: list[str] | None = None) -> int:
     """``vsad-fit --config CONFIG [overrides]``: fit, build the bank, then test."""
     cli = VSADCLI("fit", args)
@@ -350,15 +409,30 @@ def fit_main(args: list[str] | None = None) -> int:
 
 
 def _require_checkpoint(path: str) -> str:
-    """The checkpoint path, or a one-line error naming it when it is not a file."""
+    """The checkpoint path, or a one-line error naming it when it is not a readable
+    checkpoint file (missing, a folder, truncated, not a torch file).
+
+    Reading it with ``mmap`` costs its index only, not its tensors. A file holding arbitrary
+    Python objects still raises ``pickle.UnpicklingError`` (reported by ``report_data_errors``).
+    """
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} does not exist (expected a .ckpt written by vsad-fit)")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise DataError(
+            f"checkpoint {path} cannot be read ({one_line(str(e))[:200]}); it is truncated or "
+            "not a checkpoint written by vsad-fit"
+        ) from e
     return path
 
 
 @report_data_errors
 @stops_on_signals
 @_run_version_scoped
+@_one_run_folder
 def test_main(args: list[str] | None = None) -> int:
     """``vsad-test --config CONFIG --ckpt_path CKPT``: test a checkpoint as ``vsad-fit`` does."""
     cli = VSADCLI("test", args)
@@ -372,6 +446,7 @@ def test_main(args: list[str] | None = None) -> int:
 @report_data_errors
 @stops_on_signals
 @_run_version_scoped
+@_one_run_folder
 def predict_main(args: list[str] | None = None) -> int:
     """``vsad-predict --config CONFIG --ckpt_path CKPT --data.predict_root DIR``.
 

@@ -77,7 +77,7 @@ from vsad_lightning.data.registration import (
 )
 from vsad_lightning.data.sample_homographies import ensure_sample_homographies, sample_cache_path
 from vsad_lightning.errors import DataError
-from vsad_lightning.geometry.cache import HomographyCache
+from vsad_lightning.geometry.cache import HomographyCache, cache_dir_for
 from vsad_lightning.geometry.per_sample import SampleHomographyFile, graph_pairs
 from vsad_lightning.geometry.projection import NEIGHBOUR_GRAPHS, neighbour_mask
 
@@ -192,6 +192,9 @@ class MultiViewDataModule(L.LightningDataModule):
             homographies_<category>_<res>_registration_<split>.json``. For the positional
             bank on busy textures, where a few pixels of placement ruin the comparison.
             ``False`` (the default): no registration, batches carry identities.
+        cache_dir: the folder of the homography caches instead of ``<root>/vsad_cache/``
+            (a read-only dataset); the environment variable ``VSAD_CACHE_DIR`` sets the
+            default. One folder per dataset root.
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class MultiViewDataModule(L.LightningDataModule):
         check_files: Literal["header", "decode", "none"] = "header",
         per_sample_homographies: bool = True,
         register_views: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if dataset not in ("realiad", "manta", "folder"):
@@ -249,6 +253,7 @@ class MultiViewDataModule(L.LightningDataModule):
         self.check_files = check_files
         self.per_sample_homographies = per_sample_homographies
         self.register_views = register_views
+        self.cache_dir = cache_dir
         self.registration: dict[str, SampleHomographyFile | None] = {}  # split -> its file
         self.reference: SampleRecord | None = None  # the reference pose (register_views)
         self._warned_unreliable = False
@@ -294,7 +299,9 @@ class MultiViewDataModule(L.LightningDataModule):
     @property
     def cache_path(self) -> Path:
         """Where the category's homography cache lives."""
-        return default_cache_for(self.dataset, self.root, self.category, self.resolution)
+        path = default_cache_for(self.dataset, self.root, self.category, self.resolution)
+        folder = cache_dir_for(self.root, self.cache_dir)  # data.cache_dir, $VSAD_CACHE_DIR
+        return folder / path.name
 
     def prepare_data(self) -> None:
         """Estimate and write the homography cache if it is missing (once per node), then,

@@ -228,6 +228,7 @@ def resolve_homographies(
 ) -> HomographyCache:
     """The cache given, or loaded from a path, or from ``default_path``; never invented."""
     if isinstance(homographies, HomographyCache):
+        homographies.check_category(category)
         return homographies
     path = Path(homographies) if homographies is not None else default_path
     if not path.is_file():
@@ -236,7 +237,7 @@ def resolve_homographies(
             f"`vsad-homography --root <root> --category {category}` (vsad-fit builds it on "
             "first use), or pass one"
         )
-    return HomographyCache.load(path)
+    return HomographyCache.load(path, category)
 
 
 class MultiViewDataset(Dataset):

@@ -1,12 +1,30 @@
 """Reading and writing image and mask files with OpenCV, with errors that name the file.
 
-Images come back as ``(H, W, 3)`` uint8 RGB whatever is on disk (grey, BGR, BGRA, 16 bit);
-masks come back as ``(H, W)`` bool, ``True`` where the file is ``> 0`` in any channel.
+Conversions (every view of every dataset goes through ``read_image_rgb`` and ``read_mask``):
+
+- Images come back as ``(H, W, 3)`` uint8 RGB whatever is on disk: grey (1 channel) is
+  repeated into R, G and B; an alpha channel (RGBA/BGRA) is dropped without blending, so the
+  colour under a transparent pixel is used as stored; 16-bit files are scaled to 8 bit
+  (65535 -> 255, ``round(v / 257)``); CMYK JPEGs are converted to RGB by OpenCV's decoder.
+- Masks come back as ``(H, W)`` bool. A pixel is a defect when its value (the largest over
+  the channels) is at least half the file's full scale: ``>= 128`` for 8 bit, ``>= 32768``
+  for 16 bit (``MASK_THRESHOLD``). A mask saved through JPEG has ringing of small non-zero
+  values around its edges; half scale keeps the drawn defect and drops that noise. A mask
+  whose largest value is 1 (a 0/1 label image) is read as 0/1.
+- EXIF orientation is *not* applied: OpenCV reads the pixels as stored, and the homography
+  cache and the masks are in that frame too. A view whose file carries an EXIF orientation
+  other than 1 gets one warning (``exif_orientation``), since a viewer shows it rotated.
+- Size: a file whose header claims more than ``max_image_pixels()`` pixels (default 100
+  megapixels; environment variable ``VSAD_MAX_IMAGE_PIXELS`` overrides it) is refused from
+  its header, before any decoding: a 2.6 MB PNG can claim 30000 x 30000 px and cost
+  gigabytes to decode.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -23,6 +41,88 @@ _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND"
 _TAIL_BYTES = 16
+
+MAX_PIXELS_ENV = "VSAD_MAX_IMAGE_PIXELS"
+"""Environment variable overriding the largest image, in pixels (``W * H``), a file may claim."""
+
+DEFAULT_MAX_PIXELS = 100_000_000
+"""100 megapixels: above any camera of the supported datasets (Real-IAD's raw views are a few
+megapixels), far below what a crafted header can claim."""
+
+MASK_THRESHOLD = 0.5
+"""A mask pixel is a defect at or above this fraction of the file's full scale."""
+
+EXIF_ORIENTATION_TAG = 0x0112
+
+# Pillow only reads headers here (the pixels are decoded by OpenCV); its own bomb check would
+# raise before ours can name the option.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def max_image_pixels() -> int:
+    """The largest ``W * H`` an image file may claim (``VSAD_MAX_IMAGE_PIXELS``, default 100 MP)."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None or value == "":
+        return DEFAULT_MAX_PIXELS
+    try:
+        pixels = int(value)
+    except ValueError:
+        raise DataError(
+            f"{MAX_PIXELS_ENV}={value!r} is not an integer (the largest image, in pixels)"
+        ) from None
+    if pixels < 1:
+        raise DataError(f"{MAX_PIXELS_ENV} must be >= 1, got {pixels}")
+    return pixels
+
+
+def check_pixel_count(size: tuple[int, int], path: Path, what: str) -> None:
+    """Refuse a ``(W, H)`` above ``max_image_pixels()`` or with a zero side, naming the file."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise DataError(f"{what} {path} claims a size of {width}x{height} px; expected >= 1x1")
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise DataError(
+            f"{what} {path} claims {width}x{height} px ({width * height / 1e6:.0f} megapixels), "
+            f"more than the limit of {limit / 1e6:g} megapixels; set {MAX_PIXELS_ENV} to a "
+            "larger pixel count if the image is genuine"
+        )
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of an opened file (1, the default, when there is none)."""
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is no reason to refuse pixels
+        return 1
+
+
+_WARNED_EXIF: set[Path] = set()
+
+
+def _warn_exif(path: Path, orientation: int, what: str) -> None:
+    if orientation == 1 or path in _WARNED_EXIF:
+        return
+    first = not _WARNED_EXIF
+    _WARNED_EXIF.add(path)
+    if first:  # once per process: a rotated camera has it on every file
+        warnings.warn(
+            f"{what} {path} has EXIF orientation {orientation}: it is used as stored, not "
+            "rotated (masks and homographies are in the stored frame); other files with an "
+            "orientation tag are not listed",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _header(data: bytes | None, path: Path) -> tuple[tuple[int, int], int] | None:
+    """``((W, H), EXIF orientation)`` from the header (Pillow, no pixel decoding), or ``None``
+    when Pillow cannot identify the file."""
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return image.size, exif_orientation(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
 
 
 def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
@@ -43,7 +143,15 @@ def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
         raise DataError(f"{what} {path} is empty (0 bytes)")
     if data.startswith(_JPEG_START) and _JPEG_END not in data[-16:]:
         raise DataError(f"{what} {path} is a truncated JPEG (no end-of-image marker)")
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    header = _header(data, path)
+    if header is not None:  # before decoding: the size a header claims costs nothing to check
+        check_pixel_count(header[0], path, what)
+        _warn_exif(path, header[1], what)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # OpenCV's own pixel limit, an unsupported variant
+        message = " ".join(str(e).split())[:200]
+        raise DataError(f"{what} {path} cannot be decoded by OpenCV ({message})") from e
     if array is None or array.size == 0:
         raise DataError(f"{what} {path} cannot be decoded by OpenCV (corrupt or not an image)")
     return array
@@ -76,12 +184,13 @@ def probe_image(path: str | os.PathLike, what: str = "image") -> tuple[int, int]
         raise DataError(f"{what} {path} is a truncated JPEG (no end-of-image marker)")
     if head.startswith(_PNG_START) and _PNG_END not in tail:
         raise DataError(f"{what} {path} is a truncated PNG (no IEND chunk)")
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    header = _header(None, path)
+    if header is None:
         array = _decode(path, what)  # a DataError when OpenCV cannot read it either
         return array.shape[1], array.shape[0]
+    check_pixel_count(header[0], path, what)
+    _warn_exif(path, header[1], what)
+    return header[0]
 
 
 def _to_uint8(array: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -107,14 +216,21 @@ def read_image_rgb(path: str | os.PathLike, what: str = "image") -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike, what: str = "mask") -> np.ndarray:
-    """``(H, W)`` bool: ``True`` where any channel of the file is ``> 0`` (binarised)."""
+    """``(H, W)`` bool: ``True`` where the largest channel is at least ``MASK_THRESHOLD`` of
+    the file's full scale (128 of 255, 32768 of 65535); a 0/1 file is read as 0/1 (see the
+    module docstring)."""
     path = Path(path)
     array = _decode(path, what)
     if array.ndim == 3:
         array = array.max(axis=2)
     if array.ndim != 2:
         raise DataError(f"{what} {path} has shape {array.shape}; expected a 2-D mask")
-    return array > 0
+    if array.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{what} {path} has pixel type {array.dtype}; expected 8 or 16 bit")
+    if array.size and int(array.max()) <= 1:
+        return array > 0  # a 0/1 label image
+    full_scale = np.iinfo(array.dtype).max
+    return array >= int(np.ceil(MASK_THRESHOLD * full_scale))
 
 
 def write_jpeg(path: str | os.PathLike, image_rgb: np.ndarray, quality: int = 95) -> None:

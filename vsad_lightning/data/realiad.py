@@ -18,7 +18,6 @@ timestamp is optional. A view is anomalous when its entry has a mask.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from vsad_lightning.data.dataset import (
 )
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
+from vsad_lightning.utils.io import read_json
 
 REALIAD_STEM = re.compile(
     r"^(?P<sample>.+?_\d{4,}_[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*?)"  # <category>_<digits>_<class>...
@@ -115,10 +115,7 @@ def index_realiad(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     json_path = realiad_json_path(root, category)
     category_dir = realiad_category_dir(root, category, resolution)
-    try:
-        document = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{json_path} is not valid JSON ({e})") from e
+    document = read_json(json_path, "Real-IAD split file")
     if not isinstance(document, dict) or not isinstance(document.get(split), list):
         raise DataError(
             f"{json_path}: expected an object with a {split!r} list "
@@ -127,6 +124,7 @@ def index_realiad(
     entries = document[split]
     if not entries:
         raise DataError(f"{json_path}: the {split!r} list of category {category!r} is empty")
+    _check_splits_disjoint(document, split, json_path)
 
     # sample key -> view token -> (entry index, ViewFile, anomaly_class)
     groups: dict[str, dict[str, tuple[int, ViewFile, str]]] = {}
@@ -205,6 +203,34 @@ def index_realiad(
             raise DataError(f"sample {sample!r} ({json_path.name} {split}): missing files {absent}")
         records.append(SampleRecord(sample, category, classes.pop(), view_files))
     return records, view_order
+
+
+def _image_key(entry: object) -> str | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str):
+        return None  # malformed entries are reported by the split's own parsing
+    return os.path.normpath(entry["image_path"])
+
+
+def _check_splits_disjoint(document: dict, split: str, json_path: Path) -> None:
+    """Refuse an image listed in both ``train`` and ``test``: a test sample in the training
+    split puts test features into the memory bank and inflates every metric. The message
+    names both JSON entries."""
+    other = "test" if split == "train" else "train"
+    other_entries = document.get(other)
+    if not isinstance(other_entries, list):
+        return
+    seen = {key: i for i, e in enumerate(other_entries) if (key := _image_key(e)) is not None}
+    for i, entry in enumerate(document[split]):
+        key = _image_key(entry)
+        if key is not None and key in seen:
+            parsed = parse_stem(Path(key).stem)
+            sample = f"sample {parsed[0]!r} " if parsed else ""
+            first, second = sorted([(split, i), (other, seen[key])])
+            raise DataError(
+                f"{json_path}: {sample}is in both splits: {first[0]}[{first[1]}] and "
+                f"{second[0]}[{second[1]}] list {entry['image_path']!r}; a training sample "
+                "must not be a test sample (the metrics would count it as seen)"
+            )
 
 
 class RealIADDataset(MultiViewDataset):

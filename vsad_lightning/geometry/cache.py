@@ -27,12 +27,31 @@ from vsad_lightning.utils.io import atomic_write_json, read_json
 CACHE_DIR_NAME = "vsad_cache"
 """The only folder this project ever writes inside a dataset root."""
 
+CACHE_DIR_ENV = "VSAD_CACHE_DIR"
+"""Put the caches in this folder instead of ``<root>/vsad_cache/`` (a read-only dataset, a
+dataset shared by users who may not write into it). ``--data.cache_dir`` does the same for
+one run. Use one folder per dataset root: file names hold the category and resolution only."""
+
+
+def cache_dir_for(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of a dataset's caches: ``cache_dir``, else ``$VSAD_CACHE_DIR``, else
+    ``<root>/vsad_cache``."""
+    chosen = cache_dir or os.environ.get(CACHE_DIR_ENV) or None
+    return Path(chosen) if chosen else Path(root) / CACHE_DIR_NAME
+
+
 PAIR_STATUSES = ("ok", "unreliable")
 
 
-def default_cache_path(root: str | os.PathLike, category: str, resolution: int | str) -> Path:
-    """``<root>/vsad_cache/homographies_<category>_<resolution>.json``."""
-    return Path(root) / CACHE_DIR_NAME / f"homographies_{category}_{resolution}.json"
+def default_cache_path(
+    root: str | os.PathLike,
+    category: str,
+    resolution: int | str,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """``<cache folder>/homographies_<category>_<resolution>.json``; the folder is
+    ``cache_dir_for(root, cache_dir)`` (``<root>/vsad_cache`` by default)."""
+    return cache_dir_for(root, cache_dir) / f"homographies_{category}_{resolution}.json"
 
 
 def _in_front(H: list[list[float]], image_size) -> list[list[float]] | None:
@@ -80,6 +99,18 @@ class HomographyCache:
     image_size: tuple[int, int]
     views: list[str]
     pairs: dict[str, PairEstimate] = field(default_factory=dict)
+    source: str = field(default="", compare=False)
+    """The file it was read from (for messages); empty for a cache built in memory."""
+
+    def check_category(self, category: str | None) -> None:
+        """A ``DataError`` when this is another category's cache (``category`` ``None``: any)."""
+        if category is not None and self.category != category:
+            where = self.source or "(given in memory)"
+            raise DataError(
+                f"homography cache {where} is the cache of category {self.category!r}, but "
+                f"category {category!r} was asked for; delete it or point the run at the "
+                "right cache"
+            )
 
     @staticmethod
     def pair_key(src: str, dst: str) -> str:
@@ -122,11 +153,25 @@ class HomographyCache:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, self.to_json())
+        """Write atomically; a folder that cannot be written (a read-only dataset) is one
+        ``DataError`` that says how to put the cache elsewhere."""
+        if Path(path).is_dir():
+            raise DataError(f"homography cache {path} is a folder; expected a JSON file")
+        try:
+            atomic_write_json(path, self.to_json(), "homography cache")
+        except DataError as e:
+            raise DataError(
+                f"{e}; to keep the caches elsewhere set --data.cache_dir DIR "
+                f"(vsad-fit/test/predict) or the environment variable {CACHE_DIR_ENV}=DIR"
+            ) from e
 
     @classmethod
-    def from_json(cls, obj: dict, source: str = "<memory>") -> HomographyCache:
-        """Validate and parse; every problem is a ``DataError`` naming ``source``."""
+    def from_json(
+        cls, obj: dict, source: str = "<memory>", category: str | None = None
+    ) -> HomographyCache:
+        """Validate and parse; every problem is a ``DataError`` naming ``source``. With
+        ``category``, the file must say it is that category's cache (a cache copied or renamed
+        from another category would silently give wrong geometry)."""
 
         def fail(what: str) -> DataError:
             return DataError(f"homography cache {source}: {what}")
@@ -136,11 +181,20 @@ class HomographyCache:
         for key in ("category", "image_size", "views", "pairs"):
             if key not in obj:
                 raise fail(f"missing key {key!r}")
+        if not isinstance(obj["category"], str):
+            raise fail(f"'category' must be a string, got {obj['category']!r}")
         size = obj["image_size"]
         if not (
-            isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)
+            isinstance(size, list)
+            and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
         ):
-            raise fail(f"'image_size' must be [W, H] integers, got {size!r}")
+            raise fail(f"'image_size' must be [W, H] positive integers, got {size!r}")
+        if not isinstance(obj["pairs"], dict):
+            raise fail(
+                f"'pairs' must be an object mapping 'SRC->DST' to a pair, got "
+                f"{type(obj['pairs']).__name__}"
+            )
         views = obj["views"]
         if not (isinstance(views, list) and views and all(isinstance(v, str) for v in views)):
             raise fail(f"'views' must be a non-empty list of view tokens, got {views!r}")
@@ -155,6 +209,8 @@ class HomographyCache:
                 raw = obj["pairs"].get(key)
                 if raw is None:
                     raise fail(f"pair {key!r} is missing (every ordered pair must be present)")
+                if not isinstance(raw, dict):
+                    raise fail(f"pair {key!r} must be an object, got {type(raw).__name__}")
                 try:
                     H = [[float(x) for x in row] for row in raw["H"]]
                     pair = PairEstimate(
@@ -183,13 +239,19 @@ class HomographyCache:
                             f"(H={H}); two views of one object cannot be related by it"
                         )
                 pairs[key] = pair
-        return cls(
+        cache = cls(
             category=str(obj["category"]),
             image_size=(size[0], size[1]),
             views=list(views),
             pairs=pairs,
+            source=source,
         )
+        cache.check_category(category)
+        return cache
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> HomographyCache:
-        return cls.from_json(read_json(path, "homography cache"), source=str(path))
+    def load(cls, path: str | os.PathLike, category: str | None = None) -> HomographyCache:
+        """Read and validate ``path`` (see ``from_json``; ``category``: the one expected)."""
+        return cls.from_json(
+            read_json(path, "homography cache"), source=str(path), category=category
+        )

@@ -37,6 +37,7 @@ from vsad_lightning.metrics.curves import (  # noqa: E402
     exact_roc,
     trapezoid_up_to,
 )
+from vsad_lightning.utils.io import write_image  # noqa: E402
 
 COLOUR_MAP = "jet"
 GROUND_TRUTH_COLOUR = (0.0, 1.0, 0.0)
@@ -322,10 +323,10 @@ def histograms_figure(
 
 
 def write_png(path, picture: np.ndarray) -> None:
-    """An RGB ``uint8`` picture as a PNG file (parents created)."""
+    """An RGB ``uint8`` picture as a PNG file (parents created), written atomically; a failed
+    write is one ``DataError`` naming the file (``utils.io.write_image``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(picture[..., ::-1])):
-        raise OSError(f"could not write {path}")
+    write_image(path, picture[..., ::-1])
 
 
 def as_numpy(values: Tensor | Sequence[float]) -> np.ndarray:
