@@ -323,6 +323,7 @@ class VSADModule(L.LightningModule):
         # Non-finite-loss bookkeeping; saved in checkpoints so a resume keeps counting.
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
+        self._drop_next_update = False  # DDP: a skipped step's zero gradients are not applied
 
     # ----------------------------------------------------------------------------- plumbing
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
@@ -392,7 +393,14 @@ class VSADModule(L.LightningModule):
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         if bool(bad > 0):
-            return self._skip_step(out.loss)
+            self._skip_step(out.loss)
+            if self.trainer.world_size == 1:
+                return None
+            # Lightning refuses a ``None`` step under DDP. A zero loss over every trained weight
+            # gives zero gradients through the same all-reduce on every rank, and
+            # ``optimizer_step`` then drops the update: the step is skipped everywhere.
+            self._drop_next_update = True
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         self.bad_steps_in_a_row = 0
         self.log_dict(
             {
@@ -423,6 +431,17 @@ class VSADModule(L.LightningModule):
             f"({self.bad_steps_in_a_row}/{limit} in a row, {self.skipped_steps} in total)"
         )
         return None
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, except under DDP after a step that every rank skipped
+        (``training_step``): the closure (forward, backward, all-reduce) runs, the update not."""
+        if self.trainer.world_size == 1 or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()
+        if self._drop_next_update:
+            self._drop_next_update = False
+            return None
+        return optimizer.step(closure=lambda: loss)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vsad_bad_steps"] = {
