@@ -8,8 +8,9 @@ also when interrupted. Usage, from the repository root::
     OMP_NUM_THREADS=1 python tests/mutations/run.py            # every mutation
     OMP_NUM_THREADS=1 python tests/mutations/run.py aupro knn  # some, by name
 
-It prints one markdown row per mutation (the failing tests, or SURVIVED) and exits 1 if any
-mutation survived. When code moves, update ``path``/``old`` here; a mutation whose text is
+It prints one markdown row per mutation (the first failing test, ``-x``, or SURVIVED), keeps
+each run's pytest output in ``$MUTATION_LOGS`` (default ``/tmp/vsad-mutations``) and exits 1
+if any mutation survived. When code moves, update ``path``/``old`` here; a mutation whose text is
 not found is reported as STALE, never as caught.
 """
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+LOGS = Path(os.environ.get("MUTATION_LOGS", "/tmp/vsad-mutations"))
+"""Each mutation's pytest output, to check that a test failed for the break's reason."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ def run(mutation: Mutation) -> tuple[str, list[str]]:
         )  # fmt: skip
     finally:
         path.write_bytes(original)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    (LOGS / f"{mutation.name}.log").write_text(proc.stdout + proc.stderr)
     failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.M)
     if proc.returncode == 1 and failed:
         return "caught", failed
