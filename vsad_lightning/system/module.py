@@ -382,8 +382,10 @@ class VSADModule(L.LightningModule):
 
         Under DDP every rank must take the same decision, or the ranks that step would wait
         forever in the gradient all-reduce of the ranks that skipped: the "bad" flag is
-        max-reduced over ranks first, so one rank's NaN skips the step everywhere. Returning
-        ``None`` on all ranks means no rank runs backward, so no collective is left pending.
+        max-reduced over ranks first, so one rank's NaN skips the step everywhere. Lightning
+        refuses a ``None`` step under DDP, so there every rank returns a zero loss instead (the
+        same gradient all-reduce on every rank) and ``optimizer_step`` drops the update
+        (``tests/test_ddp_nan.py``).
         """
         generator = step_generator(
             self.device, self.noise_seed, self.current_epoch, batch_idx, self.global_rank
