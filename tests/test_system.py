@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vsad_lightning.data.dataset import cache_path_for
+from vsad_lightning.data.sample_homographies import sample_cache_path
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.projection import neighbour_mask
 from vsad_lightning.models.knn import nearest_distance
@@ -111,6 +112,15 @@ def test_fit_estimates_the_neighbour_homographies_it_uses(fitted, small_root):
     ]
     ok = sum(pair.status == "ok" for pair in pairs)
     assert len(pairs) >= 8 and ok >= 0.8 * len(pairs), f"{ok} of {len(pairs)} neighbour pairs ok"
+    # Each sample's own homographies (what the model used): estimated from the sample itself
+    # ("refined" or "matched"), not the category's prior or a fallback; measured: all refined.
+    for split, count in (("train", 24), ("test", 8)):
+        path = sample_cache_path(cache_path_for(small_root, "brick", 128), split)
+        samples = json.loads(path.read_text())["samples"]
+        statuses = [pair["status"] for sample in samples.values() for pair in sample.values()]
+        estimated = sum(status in ("refined", "matched") for status in statuses)
+        assert len(samples) == count and len(statuses) == count * len(pairs), split
+        assert estimated >= 0.8 * len(statuses), (split, estimated, len(statuses))
 
 
 @pytest.mark.slow
