@@ -26,6 +26,12 @@ Console scripts:
   and one short epoch; add ``--data.root``, ``--data.category`` and
   ``--trainer.default_root_dir``.
 
+Distributed tests:
+
+- ``ddp_rendezvous``: a fresh ``file://`` URL for ``torch.distributed.init_process_group(
+  init_method=...)``: the processes meet through a file, so no TCP port is picked, released and
+  hoped to be free again (the bind-close-reuse race of "free port" helpers).
+
 (Test modules cannot import this file reliably under plain ``pytest``; use the fixtures.)
 """
 
@@ -142,3 +148,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ddp_rendezvous(tmp_path_factory) -> str:
+    """A ``file://`` rendezvous for one process group (see the module docstring)."""
+    return (tmp_path_factory.mktemp("rendezvous") / "store").as_uri()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -102,16 +100,9 @@ def test_bad_rows_are_refused(tmp_path):
         next(StreamingBankBuilder().build())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, ratio: float, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, rendezvous: str, ratio: float, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
 
         def all_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -131,7 +122,7 @@ def _worker(rank: int, world: int, port: int, ratio: float, out_dir: str) -> Non
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.3])
-def test_gloo_two_ranks_build_the_single_process_bank(tmp_path, ratio):
+def test_gloo_two_ranks_build_the_single_process_bank(tmp_path, ratio, ddp_rendezvous):
     per_sample = batches(seed=4)
     single = StreamingBankBuilder(
         coreset_ratio=ratio, projection_dim=6, seed=1, spill_dir=str(tmp_path)
@@ -139,7 +130,7 @@ def test_gloo_two_ranks_build_the_single_process_bank(tmp_path, ratio):
     feed(single, per_sample, list(range(23)))
     expected = dict(single.build())
     mp.start_processes(
-        _worker, args=(2, _free_port(), ratio, str(tmp_path)), nprocs=2, start_method="spawn"
+        _worker, args=(2, ddp_rendezvous, ratio, str(tmp_path)), nprocs=2, start_method="spawn"
     )
     for rank in (0, 1):
         banks = torch.load(tmp_path / f"banks_{rank}.pt")

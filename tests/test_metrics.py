@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from vsad_lightning.metrics import (
 )
 
 SMALL_BINS = 2**12  # for tests that do not measure binning error
+BINNING_CLAIM = 1e-4  # README: binned pixel metrics are within this of the exact values
 
 
 # --------------------------------------------------------------------------- references
@@ -180,9 +180,11 @@ def test_binned_pixel_metrics_match_exact_references_across_scales_and_ties() ->
     exact_ap = reference_average_precision(scores, labels)
     exact_pro = reference_aupro(maps.reshape(-1, 40, 40), masks.reshape(-1, 40, 40))
     assert 0.6 < exact_auc < 0.97 and 0.1 < exact_pro < 0.9  # not a trivial case
-    assert abs(result["pixel_auroc"] - exact_auc) < 0.002
-    assert abs(result["pixel_ap"] - exact_ap) < 0.002
-    assert abs(result["pixel_aupro"] - exact_pro) < 0.002
+    # The README's claim: binned pixel metrics within 1e-4 of the exact values. Measured here:
+    # 4e-7 (AUROC), 4e-5 (AP), 5e-6 (AUPRO); the bound is the claim, 2.5x the worst error.
+    assert abs(result["pixel_auroc"] - exact_auc) < BINNING_CLAIM
+    assert abs(result["pixel_ap"] - exact_ap) < BINNING_CLAIM
+    assert abs(result["pixel_aupro"] - exact_pro) < BINNING_CLAIM
     assert result["n_pixels"] == maps.size
     assert result["n_views"] == 5 * 4 * 3 and result["n_samples"] == 5 * 4
 
@@ -204,8 +206,10 @@ def test_exact_view_level_functions_match_references_with_ties() -> None:
     )
 
 
-def test_scikit_learn_agrees_when_installed() -> None:
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+def test_scikit_learn_agrees() -> None:
+    # scikit-learn is in the test extras (pyproject.toml): this comparison always runs.
+    from sklearn import metrics as sklearn_metrics
+
     rng = np.random.default_rng(2)
     scores = np.round(rng.normal(size=500), 1)
     labels = (rng.random(500) < 0.4).astype(int)
@@ -321,8 +325,10 @@ def test_raw_distances_are_not_squashed_like_logits() -> None:
     update_from_maps(divided, maps / 5000, masks)
     raw_result, divided_result = raw.compute(), divided.compute()
     assert raw_result["pixel_auroc"] > 0.6
+    # Both are binned estimates of the same exact value, each within BINNING_CLAIM of it;
+    # measured apart: 3e-6 (AUROC), 4e-5 (AP), 8e-6 (AUPRO).
     for key in ("pixel_auroc", "pixel_ap", "pixel_aupro"):
-        assert raw_result[key] == pytest.approx(divided_result[key], abs=5e-4), key
+        assert raw_result[key] == pytest.approx(divided_result[key], abs=BINNING_CLAIM), key
     for key in ("view_auroc", "view_ap", "sample_auroc", "sample_ap"):
         assert raw_result[key] == divided_result[key], key
 
@@ -354,8 +360,8 @@ def test_merged_halves_equal_one_metric_over_everything() -> None:
     assert first.compute() == whole.compute()
 
 
-def _ddp_worker(rank: int, port: int, batches: list, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _ddp_worker(rank: int, rendezvous: str, batches: list, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         metric = AnomalyMetrics(num_bins=SMALL_BINS)
         # Uneven shards: rank 0 gets two batches, rank 1 one.
@@ -367,7 +373,7 @@ def _ddp_worker(rank: int, port: int, batches: list, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_reduction_over_two_processes(tmp_path: Path) -> None:
+def test_ddp_reduction_over_two_processes(tmp_path: Path, ddp_rendezvous: str) -> None:
     generator = torch.Generator().manual_seed(7)
     batches = [synthetic_batch(generator, 2, 3, 16, scale) for scale in (1.0, 3.0, 9.0)]
     single = AnomalyMetrics(num_bins=SMALL_BINS)
@@ -375,10 +381,7 @@ def test_ddp_reduction_over_two_processes(tmp_path: Path) -> None:
         update_from_maps(single, *batch, decide=True)
     expected = single.compute()
     assert {"view_f1", "sample_fpr"} <= set(expected)  # the decision counts are reduced too
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, batches, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(ddp_rendezvous, batches, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == pytest.approx(expected, abs=1e-12), rank

@@ -267,6 +267,33 @@ def test_matches_explicit_loop_reference():
     assert (ours - x).abs().max() > 0.1  # W_o is non-zero: the test is not vacuous
 
 
+def test_equivariant_under_a_permutation_of_the_views():
+    """Reordering the views, with their homographies and neighbour mask, reorders the output
+    the same way: MVAM has no per-view parameters and each view attends to the views its
+    homographies point at, whatever their index."""
+    g = torch.Generator().manual_seed(3)
+    B, V, C, h, w = 2, 4, 8, 6, 7
+    module = MVAM(C, attention_dim=8, num_heads=2, window=3, num_frequencies=3)
+    set_random_output(module, g)
+    with torch.no_grad():
+        for p in (module.pos_k.weight, module.pos_v.weight):
+            p.copy_(torch.randn(p.shape, generator=g))
+    H = random_homographies(B, V, g)
+    mask = torch.tensor(
+        [[0, 1, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool
+    )  # not symmetric under the permutation: the mask must move with the views
+    x = torch.randn(B, V, C, h, w, generator=g)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        out = module(x, H, mask)
+        moved = module(x[:, perm], H[:, perm][:, :, perm], mask[perm][:, perm])
+        # Permuting the features alone (stale homographies) is not the same computation.
+        stale = module(x[:, perm], H, mask[perm][:, perm])
+    torch.testing.assert_close(moved, out[:, perm], rtol=0, atol=1e-5)
+    assert (stale - out[:, perm]).abs().max() > 1e-2
+    assert (out - x).abs().max() > 0.1  # W_o is non-zero: the test is not vacuous
+
+
 def test_layout_cache_reuses_the_geometry_with_identical_outputs_and_gradients():
     """``layout_cache``: the second MVAM of a call reuses the first one's geometry; outputs and
     gradients equal those of uncached calls, and a new map size gets its own entry."""

@@ -127,3 +127,39 @@ def test_score_features_end_to_end():
     torch.testing.assert_close(out.anomaly_maps, expected)
     with pytest.raises(ValueError, match="no level 4"):
         score_features(bank, {4: normal[3]}, image_size=(64, 64))
+
+
+def test_sample_score_is_invariant_to_the_order_of_the_views():
+    """Reordering the views (features, homographies and neighbour graph together) reorders the
+    maps and view scores the same way and leaves the sample score (the max over views) as it
+    is, with the global bank and with cross-view fusion."""
+    from test_mvam import random_homographies
+
+    from vsad_lightning.geometry.projection import neighbour_mask
+    from vsad_lightning.models.fusion import fuse_maps
+
+    g = torch.Generator().manual_seed(5)
+    B, V = 3, 5
+    bank = MemoryBank()
+    bank.set_level(3, flatten_features(torch.randn(4, V, 6, 8, 8, generator=g)))
+    test = {3: torch.randn(B, V, 6, 8, 8, generator=g)}
+    test[3][1, 3, :, 2:4, 5] += 4.0  # one sample with a clear defect in one view
+    H = random_homographies(B, V, g) * 1.0
+    H[..., :2, 2] *= 8.0  # a few image pixels of translation at 64 px
+    mask = neighbour_mask("top_and_ring", V)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+
+    def scores(features, homographies, neighbours):
+        out = score_features(bank, features, image_size=(64, 64), sigma=2.0)
+        fused = fuse_maps(out.anomaly_maps, homographies, neighbours, strength=0.5)
+        per_view = view_scores(fused)
+        return fused, per_view, sample_scores(per_view)
+
+    maps, per_view, per_sample = scores(test, H, mask)
+    moved = scores({3: test[3][:, perm]}, H[:, perm][:, :, perm], mask[perm][:, perm])
+    torch.testing.assert_close(moved[0], maps[:, perm], rtol=0, atol=1e-5)
+    torch.testing.assert_close(moved[1], per_view[:, perm], rtol=0, atol=1e-5)
+    torch.testing.assert_close(moved[2], per_sample, rtol=0, atol=1e-5)
+    # Fusion changed the maps (so its geometry took part), and the defect decides sample 1.
+    assert not torch.allclose(maps, score_features(bank, test, (64, 64), sigma=2.0).anomaly_maps)
+    assert per_sample[1] == per_view[1, 3] and per_sample[1] > per_sample[[0, 2]].max()

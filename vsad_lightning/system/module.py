@@ -332,6 +332,7 @@ class VSADModule(L.LightningModule):
         # Non-finite-loss bookkeeping; saved in checkpoints so a resume keeps counting.
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
+        self._drop_next_update = False  # DDP: a skipped step's zero gradients are not applied
 
     # ----------------------------------------------------------------------------- plumbing
     def train(self, mode: bool = True):
@@ -386,8 +387,10 @@ class VSADModule(L.LightningModule):
 
         Under DDP every rank must take the same decision, or the ranks that step would wait
         forever in the gradient all-reduce of the ranks that skipped: the "bad" flag is
-        max-reduced over ranks first, so one rank's NaN skips the step everywhere. Returning
-        ``None`` on all ranks means no rank runs backward, so no collective is left pending.
+        max-reduced over ranks first, so one rank's NaN skips the step everywhere. Lightning
+        refuses a ``None`` step under DDP, so there every rank returns a zero loss instead (the
+        same gradient all-reduce on every rank) and ``optimizer_step`` drops the update
+        (``tests/test_ddp_nan.py``).
         """
         generator = step_generator(
             self.device, self.noise_seed, self.current_epoch, batch_idx, self.global_rank
@@ -397,7 +400,14 @@ class VSADModule(L.LightningModule):
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         if bool(bad > 0):
-            return self._skip_step(out.loss)
+            self._skip_step(out.loss)
+            if self.trainer.world_size == 1:
+                return None
+            # Lightning refuses a ``None`` step under DDP. A zero loss over every trained weight
+            # gives zero gradients through the same all-reduce on every rank, and
+            # ``optimizer_step`` then drops the update: the step is skipped everywhere.
+            self._drop_next_update = True
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         self.bad_steps_in_a_row = 0
         self.log_dict(
             {
@@ -428,6 +438,17 @@ class VSADModule(L.LightningModule):
             f"({self.bad_steps_in_a_row}/{limit} in a row, {self.skipped_steps} in total)"
         )
         return None
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, except under DDP after a step that every rank skipped
+        (``training_step``): the closure (forward, backward, all-reduce) runs, the update not."""
+        if self.trainer.world_size == 1 or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()
+        if self._drop_next_update:
+            self._drop_next_update = False
+            return None
+        return optimizer.step(closure=lambda: loss)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vsad_bad_steps"] = {
