@@ -1,5 +1,5 @@
 """``vsad-report`` over several categories and runs: the newest run of each category counts,
-of each category counts, the mean row averages the categories, older runs are listed."""
+and the mean row averages the categories, older runs are listed."""
 
 from __future__ import annotations
 
