@@ -73,7 +73,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 class PredictionWriter(L.Callback):
-    """Write what ``vsad-predict`` produces into ``dir``.
+    """Write what ``vsad-predict`` produces into ``dir`` (as a callback of
+    ``Trainer.predict``, or driven directly: ``start``, ``write`` per batch, ``finish``).
 
     - ``maps/<sample_id>.png``: the views side by side, the image above its map overlay (the
       maps of the model's calibration mode; colour scale 0..``vmax``, ``vmax`` unset means the
@@ -93,13 +94,13 @@ class PredictionWriter(L.Callback):
         self._pictures = AnomalyMapPictures()
         self.csv_path: Path | None = None
 
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+    def start(self) -> None:
+        """Begin a prediction run: create ``dir/maps`` and forget earlier rows."""
         self._rows = []
         (self.dir / "maps").mkdir(parents=True, exist_ok=True)
 
-    def on_predict_batch_end(
-        self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
-    ) -> None:
+    def write(self, batch: MultiViewBatch, outputs) -> None:
+        """The pictures of one scored batch, and its rows for ``scores.csv``."""
         for b in range(batch.batch_size):
             maps = outputs.normalised_maps[b].float().cpu()
             vmax = self.vmax if self.vmax is not None else float(maps.max())
@@ -112,9 +113,22 @@ class PredictionWriter(L.Callback):
             cv2.imwrite(str(self.dir / "maps" / f"{batch.sample_ids[b]}.png"), picture[..., ::-1])
         self._rows.extend(score_rows(batch, outputs))
 
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+    def finish(self) -> Path:
+        """Write ``scores.csv``; returns its path."""
         self.csv_path = self.dir / "scores.csv"
         _write_csv(self.csv_path, list(SCORE_COLUMNS), self._rows)
+        return self.csv_path
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self.start()
+
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.write(batch, outputs)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self.finish()
 
 
 class TestScoresWriter(L.Callback):

@@ -55,14 +55,19 @@ HPC_PATTERN = "hpc_ckpt_*.ckpt"
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint(save_last=True)`` (top-1 checkpoint and ``last.ckpt`` at each epoch
-    end) that also refreshes ``last.ckpt`` every ``every_n_steps`` optimiser steps.
+    """``ModelCheckpoint(save_last=True, save_top_k=0)``: ``last.ckpt`` at each epoch end, also
+    refreshed every ``every_n_steps`` optimiser steps.
+
+    Only ``last.ckpt`` (for resuming: weights, optimiser, loops) and, once the bank exists,
+    ``final.ckpt`` (weights, bank, rig and calibration, no optimiser state) are written: a
+    top-1 epoch checkpoint would be a byte copy of ``last.ckpt`` (no metric is monitored).
 
     Lightning's own ``every_n_train_steps`` excludes the epoch trigger; long epochs need the
     step trigger (a crash then costs minutes), short runs need the epoch one.
     """
 
     def __init__(self, every_n_steps: int = 50, **kwargs: Any) -> None:
+        kwargs.setdefault("save_top_k", 0)
         super().__init__(save_last=True, **kwargs)
         if every_n_steps < 0:
             raise ValueError(f"checkpoint_every_n_steps must be >= 0, got {every_n_steps}")
@@ -343,22 +348,9 @@ def test_main(args: list[str] | None = None) -> int:
     return 0
 
 
-@report_data_errors
-@_run_version_scoped
 def predict_main(args: list[str] | None = None) -> int:
-    """``vsad-predict --config CONFIG --ckpt_path CKPT --data.predict_root DIR``.
+    """``vsad-predict``: ``vsad_lightning.cli.predict.predict_main`` (checkpoint alone, no
+    config or training data; the training options of earlier versions are ignored)."""
+    from vsad_lightning.cli.predict import predict_main as predict
 
-    Writes PNG maps and ``scores.csv`` into ``--output.dir`` (default ``predictions``).
-    """
-    cli = VSADCLI("predict", args)
-    cli.trainer.predict(
-        cli.model,
-        datamodule=cli.datamodule,
-        ckpt_path=_require_checkpoint(cli.config["ckpt_path"]),
-        return_predictions=False,
-        weights_only=True,
-    )
-    writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
-    if cli.trainer.is_global_zero:
-        print(f"scores: {writer.csv_path}")
-    return 0
+    return predict(args)

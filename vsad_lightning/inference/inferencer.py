@@ -77,7 +77,10 @@ class SamplePrediction:
     def view_decisions(self) -> dict[str, str] | None:
         if self.view_labels is None:
             return None
-        return {v: "NG" if bool(x) else "OK" for v, x in zip(self.view_names, self.view_labels)}
+        return {
+            v: "NG" if bool(x) else "OK"
+            for v, x in zip(self.view_names, self.view_labels, strict=True)
+        }
 
 
 def split_prediction(
