@@ -23,11 +23,14 @@ import pytest
 import torch
 import yaml
 
+from vsad_lightning.cli.main import main as vsad_main
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.system.module import VSADModule
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # one tiny fit, vsad test and one scoring process
+
 SAMPLES = ("brick_0009_OK", "brick_0013_NG")  # a normal and an anomalous test sample
 
 
@@ -169,16 +172,22 @@ def test_compiled_scoring_graph_matches_eager(scored):
     assert scored["compiled_labels_equal"]
 
 
-def test_vsad_predict_needs_only_the_checkpoint_and_writes_only_its_output(deployed):
+def test_vsad_predict_needs_only_the_checkpoint_and_writes_only_its_output(
+    deployed, monkeypatch, capsys
+):
+    # In this process (the training data is renamed away; a subprocess would only add the
+    # import time): the `vsad` entry point itself, run from the samples' folder.
     elsewhere = deployed["elsewhere"]
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # vsad names the subcommand in argv
     before = sorted(p for p in elsewhere.rglob("*") if "out" not in p.relative_to(elsewhere).parts)
     out = elsewhere / "out"
-    proc = _run(
-        [str(BIN / "vsad"), "predict", "--ckpt_path", str(deployed["ckpt"]),
-         "--data.predict_root", str(deployed["new"]), "--output.dir", str(out)],
-        cwd=elsewhere,
+    code = vsad_main(
+        ["predict", "--ckpt_path", str(deployed["ckpt"]),
+         "--data.predict_root", str(deployed["new"]), "--output.dir", str(out)]
     )  # fmt: skip
-    assert proc.stdout.strip().splitlines()[-1] == f"scores: {out / 'scores.csv'}"
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"scores: {out / 'scores.csv'}"
     after = sorted(p for p in elsewhere.rglob("*") if "out" not in p.relative_to(elsewhere).parts)
     assert after == before, "vsad predict wrote outside its output folder"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
@@ -197,12 +206,13 @@ def test_vsad_predict_needs_only_the_checkpoint_and_writes_only_its_output(deplo
         assert row["sample_decision"] == expected[key]["sample_decision"]
 
 
-def test_vsad_export_writes_a_bundle_without_pickles(deployed, tmp_path):
-    proc = _run(
-        [str(BIN / "vsad"), "export", "--ckpt_path", str(deployed["ckpt"]),
-         "--out", str(tmp_path / "bundle")],
-    )  # fmt: skip
-    assert proc.stdout.strip() == f"bundle: {tmp_path / 'bundle'}"
+def test_vsad_export_writes_a_bundle_without_pickles(deployed, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # vsad names the subcommand in argv
+    code = vsad_main(
+        ["export", "--ckpt_path", str(deployed["ckpt"]), "--out", str(tmp_path / "bundle")]
+    )
+    assert code == 0
+    assert capsys.readouterr().out.strip() == f"bundle: {tmp_path / 'bundle'}"
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
         "config.json",
         "model.safetensors",
@@ -221,7 +231,7 @@ def test_final_checkpoint_is_deployable_and_weights_only(deployed):
         assert part in state, part
 
 
-def test_readme_python_api_runs_as_written(deployed):
+def test_readme_python_api_runs_as_written(deployed, monkeypatch, capsys):
     text = (REPO / "README.md").read_text()
     section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
@@ -231,7 +241,8 @@ def test_readme_python_api_runs_as_written(deployed):
     shutil.copytree(deployed["new"] / SAMPLES[1], parts / "part_01")
     shutil.copytree(deployed["new"] / SAMPLES[0], parts / "part_02")
     shutil.copy(deployed["ckpt"], elsewhere / "readme" / "final.ckpt")
-    proc = _run([sys.executable, "-c", code], cwd=elsewhere / "readme")
-    lines = proc.stdout.strip().splitlines()
+    monkeypatch.chdir(elsewhere / "readme")
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["part_01", "part_02"]
     assert lines[1].split()[2] in ("OK", "NG")

@@ -1,4 +1,5 @@
-"""``vsad-fit``, ``vsad-test`` and ``vsad-predict``: LightningCLI over one YAML file.
+"""``vsad-fit`` and ``vsad-test``: LightningCLI over one YAML file (``vsad-predict`` scores with
+the checkpoint alone: ``vsad_lightning.cli.predict``).
 
 The YAML has the usual LightningCLI sections (``trainer``, ``model``, ``data``,
 ``seed_everything``) plus ``bank`` (``MemoryBankCallback``) and ``pictures``
