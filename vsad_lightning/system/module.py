@@ -228,7 +228,7 @@ class VSADModule(L.LightningModule):
         # How the memory bank was built (MemoryBankCallback), saved in checkpoints for audits.
         self.bank_build_info: dict = {}
         # Checkpoints written before the model was its own module keep loading.
-        self._register_load_state_dict_pre_hook(_prefix_legacy_keys)
+        self._register_load_state_dict_pre_hook(_prefix_legacy_keys, with_module=True)
 
     # ----------------------------------------------------------------------------- plumbing
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
