@@ -93,3 +93,15 @@ def test_the_system_brings_its_bank_callback_once():
     )
     module._trainer = with_cli
     assert module.configure_callbacks() == []  # the CLI's (configured) callback is kept
+
+
+def test_vsad_lists_its_subcommands_with_one_line_each(capsys):
+    from vsad_lightning.cli.main import SUBCOMMANDS, main
+
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("fit", "test", "predict", "export", "homography", "synth", "report"):
+        (line,) = [ln for ln in listed.splitlines() if ln.strip().startswith(name + " ")]
+        assert SUBCOMMANDS[name][1] in line
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
