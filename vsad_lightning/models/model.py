@@ -418,10 +418,8 @@ class VSADModel(nn.Module):
         self.check_ready()
         homographies, neighbour_mask = self._geometry(images, homographies, neighbour_mask)
         features = self.extract_features(images, homographies, neighbour_mask)
-        return self.score_extracted(
-            features, (images.shape[-1], images.shape[-2]), homographies, neighbour_mask,
-            registration,
-        )  # fmt: skip
+        size = (images.shape[-1], images.shape[-2])
+        return self.score_extracted(features, size, homographies, neighbour_mask, registration)
 
     @torch.no_grad()
     def score_extracted(

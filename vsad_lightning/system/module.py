@@ -452,10 +452,8 @@ class VSADModule(L.LightningModule):
         self, batch: MultiViewBatch, features: dict[int, Tensor]
     ) -> AnomalyPrediction:
         """``VSADModel.score_extracted`` with the batch's geometry."""
-        return self._sync_model().score_extracted(
-            features, batch.image_size, batch.homographies, batch.neighbour_mask,
-            batch.registration,
-        )  # fmt: skip
+        geometry = (batch.image_size, batch.homographies, batch.neighbour_mask, batch.registration)
+        return self._sync_model().score_extracted(features, *geometry)
 
     @torch.no_grad()
     def leave_one_out_maps(
