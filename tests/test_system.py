@@ -177,7 +177,7 @@ def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
     assert not any(tmp_path.glob("vsad_bank_*")), "spill files left behind"
     # The calibration: LOO maps scored in shards and gathered give the one-process statistics.
     reference = calibrations[1, False]
-    assert "calibration.view_threshold" in reference
+    assert "model.calibration.view_threshold" in reference
     for run in ((2, False), (2, True)):
         assert calibrations[run].keys() == reference.keys()
         for key, value in reference.items():
