@@ -294,10 +294,14 @@ def prunability(checkpoint: str, rows_per_cluster: int = 32) -> None:
     from vsad_lightning.models import knn
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    (info,) = [v for k, v in state["callbacks"].items() if "MemoryBankCallback" in k]
+    # final.ckpt keeps the bank's build info itself (older ones: the callback's state).
+    info = state.get("memory_bank_build") or next(
+        v for k, v in state.get("callbacks", {}).items() if "MemoryBankCallback" in k
+    )
     samples = _samples_of(state)
     knn._ROWS_PER_CLUSTER = rows_per_cluster
-    for name, bank in state["state_dict"].items():
+    for key, bank in state["state_dict"].items():
+        name = key.removeprefix("model.")  # VSADModule.model (older checkpoints: no prefix)
         if not name.startswith("memory_bank.bank_") or info.get("coreset_ratio", 1.0) != 1.0:
             continue
         per = bank.shape[0] // samples

@@ -182,8 +182,10 @@ def test_checkpoint_round_trip_reproduces_metrics_exactly(fitted, tested):
 
 def _bank(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    bank = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("memory_bank.bank_")}
-    (info,) = [v for k, v in checkpoint["callbacks"].items() if "MemoryBankCallback" in k]
+    bank = {
+        k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.memory_bank.bank_")
+    }
+    info = checkpoint["memory_bank_build"]  # final.ckpt holds weights, no callback state
     return bank, info
 
 
@@ -191,7 +193,7 @@ def _calibration(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     # The normals (their LOO maps, scores and homographies) are stored in the loader's order
     # whatever the number of processes and the build, so the buffers compare element-wise.
-    return {k: v for k, v in state.items() if k.startswith("calibration.")}
+    return {k: v for k, v in state.items() if k.startswith("model.calibration.")}
 
 
 @pytest.mark.slow
@@ -218,7 +220,7 @@ def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
         calibrations[devices, streaming] = _calibration(final)
         assert info["world_size"] == devices and info["streaming"] == streaming, info
         assert info["feature_rows"] == {
-            key.removeprefix("memory_bank.bank_"): value.shape[0]
+            key.removeprefix("model.memory_bank.bank_"): value.shape[0]
             for key, value in banks[devices, streaming].items()
         }, info
     one = banks[1, False]
@@ -235,7 +237,7 @@ def test_ddp_two_processes_build_the_same_bank_as_one(small_root, tmp_path):
     assert not any(tmp_path.glob("vsad_bank_*")), "spill files left behind"
     # The calibration: LOO maps scored in shards and gathered give the one-process statistics.
     reference = calibrations[1, False]
-    assert "calibration.view_threshold" in reference
+    assert "model.calibration.view_threshold" in reference
     for run in ((2, False), (2, True)):
         assert calibrations[run].keys() == reference.keys()
         for key, value in reference.items():

@@ -1,5 +1,5 @@
 """``MemoryBankCallback``: build the memory bank of normal features when training ends, then
-calibrate the scores on those normals.
+calibrate the scores on those normals, by driving ``VSADModel.fit_memory_bank``.
 
 docs/method.md#memory-bank: features of all training views, or a greedy k-center
 coreset, per level; stored as module buffers so the bank travels in the checkpoint; under DDP
@@ -11,25 +11,13 @@ normal-only statistics and OK/NG thresholds as module buffers too.
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from vsad_lightning.callbacks.preemption import raise_if_stop_requested, stop_checked
-from vsad_lightning.models.bank_builder import StreamingBankBuilder
-from vsad_lightning.models.features import LATENT_LEVEL
-from vsad_lightning.models.memory_bank import (
-    flatten_features,
-    greedy_coreset,
-    unflatten_features,
-)
+from vsad_lightning.callbacks.preemption import raise_if_stop_requested
 from vsad_lightning.utils.progress import Progress
 
 FINAL_CHECKPOINT = "final.ckpt"
@@ -37,7 +25,11 @@ FINAL_CHECKPOINT = "final.ckpt"
 
 
 class MemoryBankCallback(L.Callback):
-    """At the end of training, extract features of every training normal and fill the bank.
+    """At the end of training, extract features of every training normal and fill the bank
+    (``VSADModel.fit_memory_bank``; this callback gives it the loader shard and collectives).
+
+    ``VSADModule.configure_callbacks`` adds one with the defaults when the Trainer has none,
+    so a plain ``Trainer.fit`` ends with a model that scores.
 
     The features come from the DataModule's ``train_feature_dataloader()``: the training
     normals in a fixed order, without augmentation or shuffling. Each rank extracts a strided
@@ -85,11 +77,6 @@ class MemoryBankCallback(L.Callback):
         self.spill_dir = spill_dir
         # How the bank was built; saved in the checkpoint (callbacks section) for audits.
         self.build_info: dict = {}
-        self.grids: dict[int, tuple[int, int, int]] = {}
-        self.image_size: tuple[int, int] | None = None
-        self._homographies: list[Tensor] = []
-        self._neighbour_mask: Tensor | None = None
-        self._kept: dict[int, Tensor] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # Fail before training, not after it, when the bank cannot serve the scoring.
@@ -101,89 +88,6 @@ class MemoryBankCallback(L.Callback):
                 f"training feature: set bank.coreset_ratio to 1.0 (got {self.coreset_ratio})"
             )
 
-    @torch.no_grad()
-    def collect_features(self, trainer: L.Trainer, pl_module) -> dict[int, Tensor]:
-        """This rank's shard of training features, gathered from every rank: ``(N_l, C_l)``.
-
-        Also records each level's ``(V, h, w)`` grid in ``self.grids``: the rows are whole
-        feature maps in ``flatten_features`` order (rank order under DDP, whole samples each).
-        """
-        loader = _shard(
-            trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
-        )
-        was_training = pl_module.training
-        pl_module.eval()
-        chunks: dict[int, list[Tensor]] = {}
-        meter = _meter(trainer, loader)
-        for batch in loader:
-            raise_if_stop_requested(*_bank_stop(trainer))
-            batch = batch.to(pl_module.device)
-            self._record_geometry(batch)
-            for level, feats in pl_module.extract_features(batch).items():
-                self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
-                chunks.setdefault(level, []).append(flatten_features(feats.float()))
-            meter.update()
-        meter.close()
-        pl_module.train(was_training)
-        if not chunks:
-            raise RuntimeError("the training feature loader yielded no samples on this rank")
-        local = {level: torch.cat(parts) for level, parts in chunks.items()}
-        if trainer.world_size == 1:
-            return local
-        return {level: _gather_rows(pl_module, rows) for level, rows in local.items()}
-
-    @torch.no_grad()
-    def stream_features(self, trainer: L.Trainer, pl_module) -> StreamingBankBuilder:
-        """This rank's shard of training features, spilled to disk batch by batch."""
-        loader = _shard(
-            trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
-        )
-        builder = StreamingBankBuilder(
-            coreset_ratio=self.coreset_ratio,
-            projection_dim=self.projection_dim,
-            seed=self.seed,
-            spill_dir=self.spill_dir,
-        )
-        was_training = pl_module.training
-        pl_module.eval()
-        meter = _meter(trainer, loader)
-        try:
-            for batch in loader:
-                raise_if_stop_requested(*_bank_stop(trainer))
-                batch = batch.to(pl_module.device)
-                self._record_geometry(batch)
-                for level, feats in pl_module.extract_features(batch).items():
-                    self.grids[level] = (feats.shape[1], feats.shape[3], feats.shape[4])
-                    builder.add(level, flatten_features(feats.float()), feats.shape[0])
-                meter.update()
-            meter.close()
-        except BaseException:
-            builder.close()
-            raise
-        finally:
-            pl_module.train(was_training)
-        if not builder.levels:
-            raise RuntimeError("the training feature loader yielded no samples on this rank")
-        return builder
-
-    def _record_geometry(self, batch) -> None:
-        """Keep what calibration needs of each training batch besides its features: the image
-        size, and the homographies and neighbour mask that cross-view fusion of the normals'
-        maps uses (``model.fusion_strength``)."""
-        self.image_size = batch.image_size
-        self._homographies.append(batch.homographies.float().cpu())
-        self._neighbour_mask = batch.neighbour_mask.cpu()
-
-    def _normal_homographies(self, trainer: L.Trainer, pl_module) -> Tensor:
-        """``(N, V, V, 3, 3)`` homographies of every training normal, in the unsharded
-        loader's order (each rank saw the strided shard ``rank, rank + world, ...``)."""
-        local = torch.cat(self._homographies)
-        if trainer.world_size == 1:
-            return local
-        shape = local.shape[1:]
-        gathered = _gather_rows(pl_module, local.flatten(1).to(pl_module.device)).cpu()
-        return gathered.view(-1, *shape)[_loader_order(gathered.shape[0], trainer.world_size)]
-
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         # A run resumed from a checkpoint written at the end of training (stopped or killed
         # while the bank was built) skips the fit loop, and with it on_train_end: build here.
@@ -191,156 +95,42 @@ class MemoryBankCallback(L.Callback):
             self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        rank_zero_info("memory bank: extracting the training normals' features")
-        self.build_info = {
-            "world_size": trainer.world_size,
-            "coreset_ratio": self.coreset_ratio,
-            "streaming": self.streaming,
-        }
-        self._kept = {}
-        self._homographies: list[Tensor] = []
-        self._neighbour_mask: Tensor | None = None
-        features: dict[int, Tensor] | None = None
-        builder: StreamingBankBuilder | None = None
-        if self.streaming:
-            builder = self.stream_features(trainer, pl_module)
-            # A coreset's calibration reads the rows it was selected from back from the spill.
-            builder.keep_spill = self.coreset_ratio < 1.0
-            gather = pl_module.all_gather if trainer.world_size > 1 else None
-            levels = builder.build(gather, trainer.global_rank)
-        else:
-            features = self.collect_features(trainer, pl_module)
-            self.build_info["feature_rows"] = {
-                str(level): int(rows.shape[0]) for level, rows in features.items()
-            }
-            levels = self._in_memory_levels(features)
-        rank_zero_info(f"memory bank: features gathered from {trainer.world_size} process(es)")
+        """Drive ``VSADModel.fit_memory_bank`` over this rank's shard of the training normals,
+        then write ``final.ckpt``."""
+        loader = _shard(
+            trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
+        )
+        model = pl_module._sync_model() if hasattr(pl_module, "_sync_model") else pl_module.model
+        distributed = trainer.world_size > 1
+        meter = _meter(trainer, loader)
         try:
-            for level, rows in levels:
-                # Every feature in sample order keeps its place (positional bank); a coreset
-                # does not.
-                grid = self.grids.get(level) if self.coreset_ratio >= 1.0 else None
-                pl_module.memory_bank.set_level(level, rows, grid=grid)
-                rank_zero_info(
-                    f"memory bank {level_name(pl_module, level)}: {rows.shape[0]} x {rows.shape[1]}"
-                )
-            if builder is not None:
-                self.build_info["feature_rows"] = {
-                    str(level): rows for level, rows in builder.total_rows.items()
-                }
-                self._kept = dict(builder.kept)
-            homographies = self._normal_homographies(trainer, pl_module)
-            self.calibrate(trainer, pl_module, features, builder, homographies)
+            self.build_info = model.fit_memory_bank(
+                loader,
+                gather=pl_module.all_gather if distributed else None,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0))
+                if distributed
+                else None,
+                coreset_ratio=self.coreset_ratio,
+                projection_dim=self.projection_dim,
+                seed=self.seed,
+                streaming=self.streaming,
+                spill_dir=self.spill_dir,
+                log=rank_zero_info,
+                warn=rank_zero_warn,
+                check_stop=lambda: raise_if_stop_requested(*_bank_stop(trainer)),
+                on_batch=meter.update,
+            )
         finally:
-            if builder is not None:
-                builder.close()
+            meter.close()
+        # final.ckpt holds no callback state (weights only): the system keeps a copy.
+        pl_module.bank_build_info = dict(self.build_info)
         if self.save_checkpoint:
             # save_checkpoint is collective under DDP: every rank calls it, rank 0 writes.
             trainer.save_checkpoint(
-                Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT, weights_only=False
-            )  # the whole state: loops and callbacks too, so a test or resume finds them
-
-    def _in_memory_levels(self, features: dict[int, Tensor]):
-        for level, rows in sorted(features.items()):
-            if self.coreset_ratio < 1.0:
-                keep = greedy_coreset(
-                    rows, self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed
-                )
-                self._kept[level] = keep
-                rows = rows[keep]
-            yield level, rows
-
-    @torch.no_grad()
-    def calibrate(
-        self,
-        trainer: L.Trainer,
-        pl_module,
-        features: dict[int, Tensor] | None,
-        builder: StreamingBankBuilder | None,
-        homographies: Tensor | None = None,
-    ) -> None:
-        """Fit ``pl_module.calibration`` from LOO maps of every training normal (collective).
-
-        Where the features come from: a bank of whole feature maps holds them itself
-        (``MemoryBank.sample_features``); a coreset needs the rows it was selected from, which
-        are ``features`` (the in-memory build, every rank holds all of them) or this rank's
-        spill file (the streaming build, which keeps it for this).
-        """
-        bank = pl_module.memory_bank
-        rank, world = trainer.global_rank, trainer.world_size
-        if self.image_size is None:
-            raise RuntimeError("calibration: no training batch was seen (image size unknown)")
-        levels = bank.levels
-        first = levels[0]
-        row_samples: dict[int, Tensor] | None = None
-        features_of: Callable[[Tensor], dict[int, Tensor]]
-        if all(bank.grid(level) is not None for level in levels):
-            total = bank.num_samples(first)
-
-            def features_of(ids: Tensor) -> dict[int, Tensor]:
-                return {level: bank.sample_features(level, ids) for level in levels}
-
-        else:
-            per_sample = {level: math.prod(self.grids[level]) for level in levels}
-            row_samples = {level: self._kept[level] // per_sample[level] for level in levels}
-            if features is not None:
-                total = features[first].shape[0] // per_sample[first]
-
-                def read(level: int, ids: Tensor) -> Tensor:
-                    rows = features[level]
-                    return rows.view(-1, per_sample[level], rows.shape[1])[ids.to(rows.device)]
-
-            else:
-                assert builder is not None
-                total = builder.total_rows[first] // per_sample[first]
-
-                def read(level: int, ids: Tensor) -> Tensor:
-                    # This rank's spill holds global samples rank, rank + world, ...
-                    return builder.local_samples(level, (ids - rank) // world)
-
-            def features_of(ids: Tensor) -> dict[int, Tensor]:
-                out = {}
-                for level in levels:
-                    rows = read(level, ids)
-                    out[level] = unflatten_features(
-                        rows.reshape(-1, rows.shape[-1]).float(), (ids.numel(), *self.grids[level])
-                    )
-                return out
-
-        if total < 2:
-            rank_zero_warn(
-                f"calibration skipped: {total} training normal (leave-one-out needs at least 2); "
-                "the model can only be tested with model.calibration none, without OK/NG"
+                Path(self._checkpoint_dir(trainer)) / FINAL_CHECKPOINT, weights_only=True
             )
-            return
-        started = time.perf_counter()
-        samples = torch.arange(rank, total, world)
-        features_of = stop_checked(features_of, *_bank_stop(trainer))  # per chunk
-        maps = pl_module.leave_one_out_maps(samples, features_of, self.image_size, row_samples)
-        if world > 1:
-            shape = maps.shape[1:]
-            gathered = _gather_rows(pl_module, maps.flatten(1).contiguous())
-            # Rank r scored samples r, r + world, ...: back to sample order on every rank.
-            maps = gathered[_loader_order(total, world).to(gathered.device)].view(-1, *shape)
-        if world > 1 and builder is None:
-            # The in-memory bank holds the samples in rank order; the calibration stores the
-            # normals in the loader's order, as one process and the streaming build do.
-            maps = maps[_loader_order(total, world).to(maps.device)]
-        if homographies is not None and homographies.shape[0] != total:
-            raise RuntimeError(
-                f"calibration: {homographies.shape[0]} homographies for {total} training normals"
-            )
-        pl_module.fit_calibration(maps, homographies, self._neighbour_mask)
-        if world > 1:
-            # The maps are the same on every rank, and so is the fit; rank 0's buffers are sent
-            # to every rank anyway, so no rank can be left with other thresholds.
-            state = {k: v.cpu() for k, v in pl_module.calibration.state_dict().items()}
-            state = trainer.strategy.broadcast(state, src=0)
-            pl_module.calibration.load_state_dict(state)
-        rank_zero_info(
-            f"calibration: leave-one-out maps of {total} training normals "
-            f"({time.perf_counter() - started:.1f} s)"
-        )
 
     def state_dict(self) -> dict:
         return dict(self.build_info)
@@ -377,25 +167,6 @@ def _meter(trainer: L.Trainer, loader) -> Progress:
     )
 
 
-def level_name(pl_module, level: int) -> str:
-    """A bank level as the config names it: ``latent`` or ``feature_levels`` entry and block.
-
-    The bank keys decoder levels by absolute up-block index (``model.feature_levels: [-2, -1]``
-    of 4 blocks are blocks 2 and 3) and the latent by ``LATENT_LEVEL`` (-1).
-    """
-    if level == LATENT_LEVEL:
-        return "level latent (model.latent_weight)"
-    unet = getattr(getattr(pl_module, "unet", None), "unet", None)
-    blocks = len(getattr(unet, "up_blocks", ()))
-    configured = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)(
-        "feature_levels"
-    )
-    for entry in configured or ():
-        if blocks and int(entry) % blocks == level:
-            return f"level {int(entry)} (decoder up block {level})"
-    return f"level {level} (decoder up block {level})"
-
-
 def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     """The same loader over samples ``rank, rank + world_size, ...`` (in order)."""
     if world_size == 1:
@@ -409,19 +180,3 @@ def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
     )
-
-
-def _loader_order(total: int, world: int) -> Tensor:
-    """Indices that put rank-ordered samples (rank 0's ``0, world, ...``, then rank 1's ``1,
-    world + 1, ...``) back in the loader's order ``0, 1, 2, ...``."""
-    return torch.argsort(torch.cat([torch.arange(r, total, world) for r in range(world)]))
-
-
-def _gather_rows(pl_module, rows: Tensor) -> Tensor:
-    """All-gather ``(n_r, C)`` rows of different lengths from every rank, rank order."""
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = pl_module.all_gather(count).flatten().tolist()
-    padded = rows.new_zeros((max(counts), rows.shape[1]))
-    padded[: rows.shape[0]] = rows
-    gathered = pl_module.all_gather(padded)  # (world, max_n, C)
-    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])

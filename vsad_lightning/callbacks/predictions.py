@@ -79,7 +79,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 class PredictionWriter(L.Callback):
-    """Write what ``vsad-predict`` produces into ``dir``.
+    """Write what ``vsad-predict`` produces into ``dir`` (as a callback of
+    ``Trainer.predict``, or driven directly: ``start``, ``write`` per batch, ``finish``).
 
     - ``maps/<sample_id>.png``: the sample's figure (``visualization.figures.sample_figure``):
       every view's image above its anomaly map (the maps of the model's calibration mode),
@@ -101,18 +102,21 @@ class PredictionWriter(L.Callback):
         self.vmax = vmax
         self._rows: list[list] = []
         self.csv_path: Path | None = None
+        self._model = None
 
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+    def start(self, model=None) -> None:
+        """Begin a prediction run: create ``dir/maps`` and forget earlier rows. ``model`` (a
+        ``VSADModel`` or ``VSADModule``) gives the maps' fixed colour scale (``colour_scale``)."""
+        self._model = model
         self._rows = []
         (self.dir / "maps").mkdir(parents=True, exist_ok=True)
 
-    def on_predict_batch_end(
-        self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
-    ) -> None:
-        calibrated = colour_scale(pl_module)
+    def write(self, batch: MultiViewBatch, outputs) -> None:
+        """The pictures of one scored batch, and its rows for ``scores.csv``."""
+        calibrated = colour_scale(self._model)
         for b in range(batch.batch_size):
             maps = outputs.normalised_maps[b].float().cpu()
-            scale = calibrated or colour_scale(pl_module, fallback_max=float(maps.max()))
+            scale = calibrated or colour_scale(self._model, fallback_max=float(maps.max()))
             if self.vmax is not None:
                 scale = replace(
                     scale, vmax=self.vmax, source=f"scale 0..{self.vmax} (--output.vmax)"
@@ -136,8 +140,23 @@ class PredictionWriter(L.Callback):
             write_png(self.dir / "maps" / f"{batch.sample_ids[b]}.png", picture)
         self._rows.extend(score_rows(batch, outputs))
 
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+    def finish(self, rows: list[list] | None = None) -> Path:
+        """Write ``scores.csv`` (this writer's rows, or ``rows`` gathered over processes);
+        returns its path."""
         self.csv_path = self.dir / "scores.csv"
+        rows = self._rows if rows is None else rows
+        _write_csv(self.csv_path, list(SCORE_COLUMNS), rows)
+        return self.csv_path
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self.start(pl_module)
+
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs, batch: MultiViewBatch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.write(batch, outputs)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
         rows = self._rows
         # Under DDP each rank scored its own shard: gather every rank's rows, rank 0 writes
         # them all, in sample order (views keep theirs), as TestScoresWriter does.
@@ -146,7 +165,7 @@ class PredictionWriter(L.Callback):
             torch.distributed.all_gather_object(everyone, rows)
             rows = sorted((row for part in everyone for row in part), key=lambda row: row[0])
         if trainer.is_global_zero:
-            _write_csv(self.csv_path, list(SCORE_COLUMNS), rows)
+            self.finish(rows)
 
 
 class TestScoresWriter(L.Callback):

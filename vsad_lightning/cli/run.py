@@ -1,4 +1,5 @@
-"""``vsad-fit``, ``vsad-test`` and ``vsad-predict``: LightningCLI over one YAML file.
+"""``vsad-fit`` and ``vsad-test``: LightningCLI over one YAML file (``vsad-predict`` scores with
+the checkpoint alone: ``vsad_lightning.cli.predict``).
 
 The YAML has the usual LightningCLI sections (``trainer``, ``model``, ``data``,
 ``seed_everything``) plus ``bank`` (``MemoryBankCallback``) and ``pictures``
@@ -38,7 +39,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, MetricsFileCallback
-from vsad_lightning.callbacks.predictions import PredictionWriter, TestScoresWriter
+from vsad_lightning.callbacks.predictions import TestScoresWriter
 from vsad_lightning.callbacks.preemption import (
     RequeueAtBatchEnd,
     StopAtSafePoint,
@@ -70,21 +71,24 @@ COMMAND_HELP = {
     "fit": "vsad-fit: fit VSAD on one category, build the memory bank, test. Every option can "
     "also be set in the --config YAML; --config FILE --print_config prints the merged config.",
     "test": "vsad-test: test a checkpoint written by vsad-fit (--ckpt_path) as vsad-fit does.",
-    "predict": "vsad-predict: anomaly maps, scores and OK/NG decisions for unlabelled samples "
-    "(--data.predict_root) with a checkpoint written by vsad-fit.",
 }
 """The first line of each command's ``--help``."""
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint(save_last=True)`` (top-1 checkpoint and ``last.ckpt`` at each epoch
-    end) that also refreshes ``last.ckpt`` every ``every_n_steps`` optimiser steps.
+    """``ModelCheckpoint(save_last=True, save_top_k=0)``: ``last.ckpt`` at each epoch end, also
+    refreshed every ``every_n_steps`` optimiser steps.
+
+    Only ``last.ckpt`` (for resuming: weights, optimiser, loops) and, once the bank exists,
+    ``final.ckpt`` (weights, bank, rig and calibration, no optimiser state) are written: a
+    top-1 epoch checkpoint would be a byte copy of ``last.ckpt`` (no metric is monitored).
 
     Lightning's own ``every_n_train_steps`` excludes the epoch trigger; long epochs need the
     step trigger (a crash then costs minutes), short runs need the epoch one.
     """
 
     def __init__(self, every_n_steps: int = 50, **kwargs: Any) -> None:
+        kwargs.setdefault("save_top_k", 0)
         super().__init__(save_last=True, **kwargs)
         if every_n_steps < 0:
             raise ValueError(f"checkpoint_every_n_steps must be >= 0, got {every_n_steps}")
@@ -218,8 +222,6 @@ class VSADCLI(LightningCLI):
             parser.add_argument(
                 "--ckpt_path", type=str, required=True, help="Checkpoint written by vsad-fit."
             )
-        if self.command == "predict":
-            parser.add_lightning_class_args(PredictionWriter, "output")
 
     def instantiate_classes(self) -> None:
         """The constructors refuse bad values with a ``ValueError``: report it as one line
@@ -443,24 +445,9 @@ def test_main(args: list[str] | None = None) -> int:
     return 0
 
 
-@report_data_errors
-@stops_on_signals
-@_run_version_scoped
-@_one_run_folder
 def predict_main(args: list[str] | None = None) -> int:
-    """``vsad-predict --config CONFIG --ckpt_path CKPT --data.predict_root DIR``.
+    """``vsad-predict``: ``vsad_lightning.cli.predict.predict_main`` (checkpoint alone, no
+    config or training data; the training options of earlier versions are ignored)."""
+    from vsad_lightning.cli.predict import predict_main as predict
 
-    Writes PNG maps and ``scores.csv`` into ``--output.dir`` (default ``predictions``).
-    """
-    cli = VSADCLI("predict", args)
-    cli.trainer.predict(
-        cli.model,
-        datamodule=cli.datamodule,
-        ckpt_path=_require_checkpoint(cli.config["ckpt_path"]),
-        return_predictions=False,
-        weights_only=True,
-    )
-    writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
-    if cli.trainer.is_global_zero:
-        print(f"scores: {writer.csv_path}")
-    return 0
+    return predict(args)

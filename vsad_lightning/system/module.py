@@ -1,9 +1,12 @@
-"""``VSADModule``: the LightningModule (the *system*) that wires the models together.
+"""``VSADModule``: the LightningModule (the *system*) that trains a ``VSADModel``.
 
-The models are plain ``nn.Module``s from ``vsad_lightning.models``: a frozen image encoder,
-the ``ViewAlignedUNet`` (diffusers U-Net + MVAM + FRM), the ``FeatureExtractor`` and the
-``MemoryBank``. This class owns the training objective, scoring and metric updates; every side
-effect (building the bank, writing files and pictures) lives in ``vsad_lightning.callbacks``.
+The model (``vsad_lightning.models.model.VSADModel``, ``self.model``) holds everything scoring
+needs: the frozen image encoder, the ``ViewAlignedUNet`` (diffusers U-Net + MVAM + FRM), the
+``FeatureExtractor``, the ``MemoryBank``, the camera rig and the calibration; ``forward`` and
+``score`` delegate to it. This class owns the training objective, the optimisers, the NaN
+handling and the metric updates; every side effect (building the bank, writing files and
+pictures) lives in ``vsad_lightning.callbacks``, and the memory bank callback comes with the
+system itself (``configure_callbacks``).
 """
 
 from __future__ import annotations
@@ -11,37 +14,40 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
+from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.errors import DataError
-from vsad_lightning.geometry.registration import is_identity, maps_to_original
 from vsad_lightning.metrics import AnomalyMetrics
-from vsad_lightning.models.backbones import build_backbone
-from vsad_lightning.models.calibration import (
-    CALIBRATION_MODES,
-    Calibration,
-    CalibrationMode,
-    ThresholdRule,
-    leave_one_out_maps,
-)
-from vsad_lightning.models.features import (
-    LATENT_LEVEL,
-    FeatureExtractor,
-    FeatureNorm,
-    normalise_features,
-)
+from vsad_lightning.models.calibration import Calibration, CalibrationMode, ThresholdRule
+from vsad_lightning.models.features import FeatureExtractor, FeatureNorm
 from vsad_lightning.models.memory_bank import MemoryBank
+from vsad_lightning.models.model import (
+    ARCHITECTURE_FIELDS,
+    SCORING_FIELDS,
+    AnomalyPrediction,
+    VSADModel,
+    to_original_frames,
+)
 from vsad_lightning.models.objective import diffusion_objective
-from vsad_lightning.models.scoring import score_features
 from vsad_lightning.models.unet import ViewAlignedUNet
+
+__all__ = [
+    "AnomalyPrediction",
+    "NonFiniteLossError",
+    "VSADModule",
+    "step_generator",
+    "to_original_frames",
+    "update_metrics",
+]
 
 
 class NonFiniteLossError(DataError):
@@ -66,38 +72,6 @@ def step_generator(device: torch.device, *key: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-@dataclass
-class AnomalyPrediction:
-    """What ``test_step`` and ``predict_step`` return for one batch.
-
-    Attributes:
-        anomaly_maps: ``(B, V, 1, H, W)`` raw distances (not probabilities), whatever the
-            calibration mode.
-        normalised_maps: ``(B, V, 1, H, W)`` the maps of the calibration mode
-            (``VSADModule(calibration=...)``; the raw maps for ``none``): the view scores are
-            their maxima and the pixel metrics are computed on them.
-        view_scores: ``(B, V)``, the max of each view's normalised map.
-        sample_scores: ``(B,)``, the max over the sample's views.
-        pred_view_labels: ``(B, V)`` int64, 1 = NG at the calibrated view threshold; ``None``
-            when the checkpoint holds no calibration.
-        pred_sample_labels: ``(B,)`` int64, 1 = NG at the calibrated sample threshold.
-        pred_masks: ``(B, V, 1, H, W)`` bool, pixels above their view's threshold (a view is NG
-            exactly when its mask has a pixel).
-    """
-
-    anomaly_maps: Tensor
-    view_scores: Tensor
-    sample_scores: Tensor
-    normalised_maps: Tensor | None = None
-    pred_view_labels: Tensor | None = None
-    pred_sample_labels: Tensor | None = None
-    pred_masks: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.normalised_maps is None:
-            self.normalised_maps = self.anomaly_maps
-
-
 def update_metrics(
     metrics: AnomalyMetrics, batch: MultiViewBatch, prediction: AnomalyPrediction
 ) -> None:
@@ -112,30 +86,6 @@ def update_metrics(
         batch.sample_labels,
         pred_view_labels=prediction.pred_view_labels,
         pred_sample_labels=prediction.pred_sample_labels,
-    )
-
-
-def to_original_frames(prediction: AnomalyPrediction, registration: Tensor) -> AnomalyPrediction:
-    """``prediction`` with its pixel maps carried from the registered frames back to the
-    original ones (``maps_to_original``); itself, untouched, when every ``R_v`` is the
-    identity (registration off)."""
-    if is_identity(registration):
-        return prediction
-    normalised_is_raw = prediction.normalised_maps is prediction.anomaly_maps
-    anomaly_maps = maps_to_original(prediction.anomaly_maps, registration)
-    return replace(
-        prediction,
-        anomaly_maps=anomaly_maps,
-        normalised_maps=(
-            anomaly_maps
-            if normalised_is_raw
-            else maps_to_original(prediction.normalised_maps, registration)
-        ),
-        pred_masks=(
-            None
-            if prediction.pred_masks is None
-            else maps_to_original(prediction.pred_masks, registration)
-        ),
     )
 
 
@@ -273,90 +223,90 @@ class VSADModule(L.LightningModule):
         super().__init__()
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
-        if calibration not in CALIBRATION_MODES:
-            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {calibration!r}")
-        if threshold_rule not in ("quantile", "sigma"):
-            raise ValueError(
-                f"threshold_rule must be 'quantile' or 'sigma', got {threshold_rule!r}"
-            )
-        if not 0.0 < threshold_quantile < 1.0:
-            raise ValueError(f"threshold_quantile must be in (0, 1), got {threshold_quantile}")
-        if threshold_sigma <= 0:
-            raise ValueError(f"threshold_sigma must be > 0, got {threshold_sigma}")
-        if calibration_floor < 0:
-            raise ValueError(f"calibration_floor must be >= 0, got {calibration_floor}")
-        if calibration_folds < 2:
-            raise ValueError(f"calibration_folds must be >= 2, got {calibration_folds}")
-        if not 0.0 <= fusion_strength <= 1.0:
-            raise ValueError(f"fusion_strength must be in [0, 1], got {fusion_strength}")
         self.save_hyperparameters()
-        parts = build_backbone(
-            backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
+        # The deployable model: everything scoring needs (VSADModel); this system adds the
+        # objective, the optimisers, the NaN handling and the metrics.
+        self.model = VSADModel(
+            **{key: self.hparams[key] for key in (*ARCHITECTURE_FIELDS, *SCORING_FIELDS)}
         )
-        # The encoder is never trained (docs/method.md#encoder: the frozen VAE).
-        self.encoder = parts.encoder.requires_grad_(False).eval()
-        self.noise_scheduler = parts.scheduler
-        self.register_buffer("prompt_embedding", parts.prompt_embedding, persistent=False)
-        self.unet = ViewAlignedUNet(
-            parts.unet,
-            feature_levels=feature_levels,
-            attention_dim=attention_dim,
-            num_heads=num_heads,
-            window=window,
-            num_frequencies=num_frequencies,
-            use_mvam=use_mvam,
-            use_frm=use_frm,
-            train_unet=train_unet,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        self.feature_levels = sorted(self.unet.level_channels())
-        if level_weights is not None and len(level_weights) != len(self.feature_levels):
-            raise ValueError(
-                f"level_weights has {len(level_weights)} entries but there are "
-                f"{len(self.feature_levels)} feature levels {self.feature_levels}"
-            )
-        self.feature_extractor = FeatureExtractor(
-            mode=feature_mode, t_star=t_star, num_steps=inversion_steps, seed=feature_seed
-        )
-        if latent_weight < 0:
-            raise ValueError(f"latent_weight must be >= 0, got {latent_weight}")
-        if bank_mode not in ("global", "positional"):
-            raise ValueError(f"bank_mode must be 'global' or 'positional', got {bank_mode!r}")
-        if positional_radius < 0:
-            raise ValueError(f"positional_radius must be >= 0, got {positional_radius}")
-        self.memory_bank = MemoryBank()
-        # Normal-only statistics and thresholds (buffers: they travel in the checkpoint).
-        self.calibration = Calibration()
         self.test_metrics = AnomalyMetrics()
         self.test_results: dict[str, float] | None = None
         # Non-finite-loss bookkeeping; saved in checkpoints so a resume keeps counting.
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self._drop_next_update = False  # DDP: a skipped step's zero gradients are not applied
+        # How the memory bank was built (MemoryBankCallback), saved in checkpoints for audits.
+        self.bank_build_info: dict = {}
+        # Checkpoints written before the model was its own module keep loading.
+        self._register_load_state_dict_pre_hook(_prefix_legacy_keys, with_module=True)
 
     # ----------------------------------------------------------------------------- plumbing
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()  # frozen: keep it deterministic in every stage
-        return self
+    def configure_callbacks(self):
+        """The memory bank callback, unless the Trainer already has one (the CLI adds its own,
+        configured by ``bank``): a plain ``Trainer.fit(VSADModule(), datamodule)`` then ends
+        with a model that scores (bank, calibration and ``final.ckpt``)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and any(
+            isinstance(c, MemoryBankCallback) for c in trainer.callbacks
+        ):
+            return []
+        return [MemoryBankCallback()]
+
+    def on_fit_start(self) -> None:
+        # The rig travels in every checkpoint of the run (last.ckpt included).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "homographies", None) is not None:
+            size = int(self.hparams.image_size)
+            self.model.rig.set_from_datamodule(datamodule, (size, size))
+
+    # The parts of the model, under their former names (tests, benchmarks, callbacks).
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    @property
+    def unet(self) -> ViewAlignedUNet:
+        return self.model.unet
+
+    @property
+    def feature_extractor(self) -> FeatureExtractor:
+        return self.model.feature_extractor
+
+    @property
+    def memory_bank(self) -> MemoryBank:
+        return self.model.memory_bank
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.model.calibration
+
+    @property
+    def noise_scheduler(self):
+        return self.model.noise_scheduler
+
+    @property
+    def feature_levels(self) -> list[int]:
+        return self.model.feature_levels
 
     @property
     def level_weights(self) -> dict[int, float]:
-        weights = self.hparams.level_weights or [1.0] * len(self.feature_levels)
-        out = {level: float(w) for level, w in zip(self.feature_levels, weights, strict=True)}
-        if self.hparams.latent_weight > 0:
-            out[LATENT_LEVEL] = float(self.hparams.latent_weight)
-        return out
+        self._sync_model()
+        return self.model.level_weights
 
-    @torch.no_grad()
+    def _sync_model(self) -> VSADModel:
+        """The model with the scoring settings of ``hparams`` (which tests and
+        ``vsad-test --model.calibration ...`` may change after fitting)."""
+        settings = {key: self.hparams[key] for key in SCORING_FIELDS}
+        if settings != asdict(self.model.config):
+            self.model.configure(**settings)
+        return self.model
+
     def encode(self, images: Tensor) -> Tensor:
         """``(B, V, 3, H, W)`` images -> ``(B, V, c, h, w)`` scaled latents ``z = s E(I)``."""
-        B, V = images.shape[:2]
-        latents = self.encoder(images.flatten(0, 1))
-        return latents.unflatten(0, (B, V))
+        return self.model.encode(images)
 
     def _conditioning(self, batch_size: int) -> Tensor:
-        return self.prompt_embedding.expand(batch_size, -1, -1)
+        return self.model.conditioning(batch_size)
 
     # ----------------------------------------------------------------------------- training
     @property
@@ -455,11 +405,14 @@ class VSADModule(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
         }
+        if self.bank_build_info:
+            checkpoint["memory_bank_build"] = dict(self.bank_build_info)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("vsad_bad_steps", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
+        self.bank_build_info = dict(checkpoint.get("memory_bank_build", {}))
 
     def validation_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor:
         # The same noise for a batch at every validation: the curve shows the model, not noise.
@@ -501,133 +454,33 @@ class VSADModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # ----------------------------------------------------------------------------- features
+    # ------------------------------------------------------------------- features, scoring
+    def forward(self, images: Tensor, **kwargs) -> AnomalyPrediction:
+        """``VSADModel.forward``: score ``(B, V, 3, H, W)`` images with the model's rig."""
+        return self._sync_model()(images, **kwargs)
+
     @torch.no_grad()
     def extract_features(self, batch: MultiViewBatch) -> dict[int, Tensor]:
-        """Per-level features ``(B, V, C_l, h_l, w_l)`` after FRM (docs/method.md#inversion),
-        plus the latent itself under ``LATENT_LEVEL`` when ``latent_weight > 0``."""
-        latents = self.encode(batch.images)
-        features = self.feature_extractor(
-            self.unet,
-            latents,
-            self._conditioning(batch.batch_size),
-            batch.homographies,
-            batch.image_size,
-            batch.neighbour_mask,
-            self.noise_scheduler.alphas_cumprod,
-            self.noise_scheduler.config.prediction_type,  # what the U-Net predicts
+        """``VSADModel.extract_features`` of a batch (its homographies and neighbour mask)."""
+        return self._sync_model().extract_features(
+            batch.images, batch.homographies, batch.neighbour_mask
         )
-        if self.hparams.latent_weight > 0:
-            features[LATENT_LEVEL] = latents
-        return normalise_features(features, self.hparams.feature_norm)
 
     @torch.no_grad()
     def score(self, batch: MultiViewBatch) -> AnomalyPrediction:
-        if not self.memory_bank.is_built():
-            raise RuntimeError(
-                "the memory bank is empty: fit the model (MemoryBankCallback builds the bank at "
-                "fit end) or load a checkpoint written after fit"
-            )
-        missing = sorted(set(self.level_weights) - set(self.memory_bank.levels))
-        if missing:
-            # A checkpoint's bank holds the levels of the config it was fitted with.
-            hint = (
-                f" (level {LATENT_LEVEL} is the encoder latent that model.latent_weight > 0 "
-                f"scores: fit with latent_weight > 0, or test with model.latent_weight 0)"
-                if LATENT_LEVEL in missing
-                else " (model.feature_levels must match the fitted model's)"
-            )
-            raise ValueError(
-                f"the memory bank has levels {self.memory_bank.levels} but this model scores "
-                f"levels {sorted(self.level_weights)}: missing {missing}{hint}"
-            )
-        mode = self.hparams.calibration
-        fusion = float(self.hparams.fusion_strength)
-        if fusion > 0 and not self.calibration.is_fitted():
-            raise ValueError(
-                f"model.fusion_strength is {fusion} but this model holds no calibration: refit, "
-                "or test with model.fusion_strength 0"
-            )
-        if mode != "none" and not self.calibration.is_fitted():
-            raise ValueError(
-                f"model.calibration is {mode!r} but this model holds no calibration (a "
-                "checkpoint written before calibration existed): refit, or test with "
-                "model.calibration none"
-            )
-        return self.score_extracted(batch, self.extract_features(batch))
+        """``VSADModel.forward`` on a batch, with the batch's geometry."""
+        return self._sync_model()(
+            batch.images, batch.homographies, batch.neighbour_mask, batch.registration
+        )
 
     @torch.no_grad()
     def score_extracted(
         self, batch: MultiViewBatch, features: dict[int, Tensor]
     ) -> AnomalyPrediction:
-        """``score`` from features ``extract_features(batch)`` already computed: the U-Net passes
-        are the expensive part, so benchmarks that compare scoring options on one fitted model
-        extract once and score many times (``benchmarks/accuracy.py``).
+        """``VSADModel.score_extracted`` with the batch's geometry."""
+        geometry = (batch.image_size, batch.homographies, batch.neighbour_mask, batch.registration)
+        return self._sync_model().score_extracted(features, *geometry)
 
-        With registered views (``data.register_views``) the bank, calibration and fusion all
-        work in the registered frames, and the view scores are maxima there (for the normals
-        and the test samples alike); only the returned pixel maps are carried back to each
-        view's original frame (``geometry.registration.maps_to_original``), where the masks
-        are (docs/method.md#registration)."""
-        return to_original_frames(self._score_registered(batch, features), batch.registration)
-
-    def _score_registered(
-        self, batch: MultiViewBatch, features: dict[int, Tensor]
-    ) -> AnomalyPrediction:
-        """``score_extracted`` in the frames of ``batch.images``."""
-        mode = self.hparams.calibration
-        fusion = float(self.hparams.fusion_strength)
-        out = score_features(
-            self.memory_bank,
-            features,
-            batch.image_size,
-            weights=self.level_weights,
-            sigma=self.hparams.sigma,
-            backend=self.hparams.knn_backend,
-            positional_radius=self._positional_radius,
-        )
-        if not self.calibration.is_fitted():
-            return AnomalyPrediction(out.anomaly_maps, out.view_scores, out.sample_scores)
-        rule, value = self._threshold_setting
-        if not self.calibration.fusion_matches(fusion):
-            # The fusion strength was changed at test time: re-derive from the stored normals.
-            self.calibration.set_view_statistics(fusion)
-            self.calibration.set_thresholds(rule, value)
-        if not self.calibration.thresholds_match(rule, value):
-            # The rule was changed at test time: re-derive from the stored normal scores.
-            self.calibration.set_thresholds(rule, value)
-        calibrated = self.calibration.apply(
-            out.anomaly_maps,
-            mode,
-            homographies=batch.homographies,
-            neighbour_mask=batch.neighbour_mask,
-            fusion_strength=fusion,
-        )
-        return AnomalyPrediction(
-            anomaly_maps=out.anomaly_maps,
-            view_scores=calibrated.view_scores,
-            sample_scores=calibrated.sample_scores,
-            normalised_maps=calibrated.maps,
-            pred_view_labels=calibrated.view_labels,
-            pred_sample_labels=calibrated.sample_labels,
-            pred_masks=calibrated.masks,
-        )
-
-    @property
-    def _positional_radius(self) -> int | None:
-        if self.hparams.bank_mode == "positional":
-            return int(self.hparams.positional_radius)
-        return None
-
-    @property
-    def _threshold_setting(self) -> tuple[ThresholdRule, float]:
-        rule = self.hparams.threshold_rule
-        value = (
-            self.hparams.threshold_quantile if rule == "quantile" else self.hparams.threshold_sigma
-        )
-        return rule, float(value)
-
-    # ---------------------------------------------------------------------------- calibration
     @torch.no_grad()
     def leave_one_out_maps(
         self,
@@ -636,24 +489,8 @@ class VSADModule(L.LightningModule):
         image_size: tuple[int, int],
         row_samples: dict[int, Tensor] | None = None,
     ) -> Tensor:
-        """``(m, V, H, W)`` raw maps of training samples scored without their own bank rows.
-
-        ``calibration.leave_one_out_maps`` with this model's scoring settings (level weights,
-        ``sigma``, bank mode, kNN backend, ``calibration_folds``); ``MemoryBankCallback``
-        calls it with the features the bank was built from.
-        """
-        return leave_one_out_maps(
-            self.memory_bank,
-            samples,
-            features_of,
-            image_size,
-            self.level_weights,
-            self.hparams.sigma,
-            positional_radius=self._positional_radius,
-            folds=self.hparams.calibration_folds,
-            row_samples=row_samples,
-            backend=self.hparams.knn_backend,
-        )
+        """``VSADModel.leave_one_out_maps`` with this system's settings."""
+        return self._sync_model().leave_one_out_maps(samples, features_of, image_size, row_samples)
 
     @torch.no_grad()
     def fit_calibration(
@@ -662,18 +499,8 @@ class VSADModule(L.LightningModule):
         homographies: Tensor | None = None,
         neighbour_mask: Tensor | None = None,
     ) -> None:
-        """Fill ``self.calibration`` from the LOO maps of every training normal, with their
-        homographies ``(n, V, V, 3, 3)`` and the neighbour mask where fusion may use them."""
-        rule, value = self._threshold_setting
-        self.calibration.fit(
-            loo_maps,
-            homographies=homographies,
-            neighbour_mask=neighbour_mask,
-            floor=self.hparams.calibration_floor,
-            rule=rule,
-            value=value,
-            fusion_strength=float(self.hparams.fusion_strength),
-        )
+        """``VSADModel.fit_calibration`` with this system's settings."""
+        self._sync_model().fit_calibration(loo_maps, homographies, neighbour_mask)
 
     # ----------------------------------------------------------------------------- evaluation
     def on_test_epoch_start(self) -> None:
@@ -694,3 +521,15 @@ class VSADModule(L.LightningModule):
 
     def predict_step(self, batch: MultiViewBatch, batch_idx: int) -> AnomalyPrediction:
         return self.score(batch)
+
+
+_LEGACY_PREFIXES = ("encoder.", "unet.", "memory_bank.", "calibration.")
+
+
+def _prefix_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """State-dict keys of checkpoints written before ``VSADModule.model`` existed
+    (``unet.*`` instead of ``model.unet.*``) are renamed in place before loading."""
+    for key in list(state_dict):
+        rest = key[len(prefix) :]
+        if key.startswith(prefix) and rest.startswith(_LEGACY_PREFIXES):
+            state_dict[prefix + "model." + rest] = state_dict.pop(key)

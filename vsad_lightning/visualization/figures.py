@@ -64,13 +64,15 @@ class ColourScale:
 
 
 def colour_scale(module, fallback_max: float | None = None) -> ColourScale | None:
-    """The fixed scale of ``module`` (a ``VSADModule``) from its calibration thresholds.
+    """The fixed scale of ``module`` (a ``VSADModel`` or ``VSADModule``) from the thresholds of
+    its calibration, in the calibration mode it scores with.
 
     ``None`` when the module holds no fitted calibration and no ``fallback_max`` is given;
     with ``fallback_max`` the scale is ``[0, fallback_max]`` (module docstring).
     """
-    calibration = getattr(module, "calibration", None)
-    mode = getattr(getattr(module, "hparams", {}), "get", lambda *_: None)("calibration")
+    model = getattr(module, "model", module)  # a VSADModule scores through its VSADModel
+    calibration = getattr(model, "calibration", None)
+    mode = getattr(getattr(model, "config", None), "calibration", None)
     if calibration is not None and calibration.is_fitted() and mode is not None:
         from vsad_lightning.models.calibration import CALIBRATION_MODES
 
