@@ -110,8 +110,8 @@ def projection_table(say) -> dict:
 def child(method: str, samples: int, rows_per_sample: int, dim: int, ratio: float) -> None:
     import torch
 
-    from vsad_lightning.models.bank_builder import StreamingBankBuilder
-    from vsad_lightning.models.memory_bank import greedy_coreset
+    from vsad_lightning.bank.builder import StreamingBankBuilder
+    from vsad_lightning.bank.coreset import greedy_coreset
 
     torch.set_num_threads(1)  # the coreset loop's small vector ops: see benchmarks/knn.py
     batch = 4

@@ -126,9 +126,9 @@ class Pipeline:
     def __init__(self, parts, model: dict, image: int, device, dtype, bank_ratio: float) -> None:
         from _mvam_levels import level_homographies
 
+        from vsad_lightning.bank.storage import MemoryBank
         from vsad_lightning.geometry.projection import neighbour_mask
         from vsad_lightning.models.features import FeatureExtractor
-        from vsad_lightning.models.memory_bank import MemoryBank
         from vsad_lightning.models.unet import ViewAlignedUNet
 
         self.device, self.dtype, self.image = device, dtype, image

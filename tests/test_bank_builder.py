@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vsad_lightning.models.bank_builder import StreamingBankBuilder
-from vsad_lightning.models.memory_bank import greedy_coreset
+from vsad_lightning.bank.builder import StreamingBankBuilder
+from vsad_lightning.bank.coreset import greedy_coreset
 
 ROWS_PER_SAMPLE = {0: 12, 1: 48}  # two levels, e.g. 5 views at 2x2 and 4x4... any fixed count
 DIMS = {0: 24, 1: 10}

@@ -6,13 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from vsad_lightning.models.knn import nearest_distance
-from vsad_lightning.models.memory_bank import (
-    MemoryBank,
-    flatten_features,
-    greedy_coreset,
-    unflatten_features,
-)
+from vsad_lightning.bank.coreset import greedy_coreset
+from vsad_lightning.bank.knn import nearest_distance
+from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
 
 
 # ----------------------------------------------------------------------------- layout

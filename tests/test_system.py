@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vsad_lightning.models.knn import nearest_distance
+from vsad_lightning.bank.knn import nearest_distance
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

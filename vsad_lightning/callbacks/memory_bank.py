@@ -22,12 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from vsad_lightning.models.bank_builder import StreamingBankBuilder
-from vsad_lightning.models.memory_bank import (
-    flatten_features,
-    greedy_coreset,
-    unflatten_features,
-)
+from vsad_lightning.bank.builder import StreamingBankBuilder
+from vsad_lightning.bank.coreset import greedy_coreset
+from vsad_lightning.bank.storage import flatten_features, unflatten_features
 
 FINAL_CHECKPOINT = "final.ckpt"
 """Written after the bank is built: the checkpoint ``vsad-test`` and ``vsad-predict`` take."""

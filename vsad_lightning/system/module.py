@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from vsad_lightning.bank.storage import MemoryBank
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.errors import DataError
 from vsad_lightning.geometry.registration import is_identity, maps_to_original
@@ -38,7 +39,6 @@ from vsad_lightning.models.features import (
     FeatureNorm,
     normalise_features,
 )
-from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.objective import diffusion_objective
 from vsad_lightning.models.scoring import score_features
 from vsad_lightning.models.unet import ViewAlignedUNet
@@ -175,8 +175,8 @@ class VSADModule(L.LightningModule):
             mode as the other levels. Measured in ``benchmarks/results/accuracy.md``.
         sigma: Gaussian smoothing of the anomaly maps, in image pixels.
         knn_backend: ``auto`` (the exact projected search on large CPU banks with a steep
-            spectrum, else ``torch``), ``torch``, ``faiss``, ``pruned`` or ``projected``; all
-            exact, the same distances (``vsad_lightning.models.knn``).
+            spectrum, else ``torch``), ``torch``, ``faiss`` or ``projected``; all
+            exact, the same distances (``vsad_lightning.bank.knn``).
         feature_norm: ``none | instance | l2``, applied to bank and test features alike
             (``vsad_lightning.models.features.normalise_features``).
         bank_mode: ``global`` (the paper: every query against the whole bank of its level) or
@@ -247,7 +247,7 @@ class VSADModule(L.LightningModule):
         level_weights: Sequence[float] | None = None,
         latent_weight: float = 0.0,
         sigma: float = 4.0,
-        knn_backend: Literal["auto", "torch", "faiss", "pruned", "projected"] = "auto",
+        knn_backend: Literal["auto", "torch", "faiss", "projected"] = "auto",
         feature_norm: FeatureNorm = "none",
         bank_mode: Literal["global", "positional"] = "global",
         positional_radius: int = 2,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from vsad_lightning.models.memory_bank import greedy_coreset
+from vsad_lightning.bank.coreset import greedy_coreset
 
 AllGather = Callable[[Tensor], Tensor]
 """``t -> (world_size, *t.shape)``: every rank's ``t`` in rank order (``all_gather``)."""
