@@ -13,6 +13,14 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from vsad_lightning.bank.common import per_bank
+
+_POSITIONS_PER_CHUNK = 1024
+"""Bank positions per GEMM chunk: their augmented rows (``n (C + 1)`` floats each) stay in cache."""
+
+_NORMS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @torch.no_grad()
@@ -43,7 +51,7 @@ def positional_search(
     channels = rows.shape[1]
     positions = views * height * width
     count = rows.shape[0] // positions
-    bank = rows.float().view(count, positions, channels)  # (n, P, C), P = V h w
+    bank = rows.view(count, positions, channels)  # (n, P, C), P = V h w; float16 stays so
     queries = features.to(rows.device, torch.float32).permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
     batch, device, r = queries.shape[0], queries.device, radius
     offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
@@ -55,33 +63,44 @@ def positional_search(
     # shift (dy, dx), the query at (y - dy, x - dx): an index into the zero-padded queries
     # (padding rows only ever meet out-of-map positions, which step 2 never reads).
     padded_h, padded_w = height + 2 * r, width + 2 * r
-    padded = torch.nn.functional.pad(queries, (0, 0, r, r, r, r))
-    padded = padded.reshape(batch, views * padded_h * padded_w, channels)
+    # Augmented queries [a, 1]: with the bank chunk as [-2 b, |b|^2] one GEMM gives
+    # |b|^2 - 2 a.b, the norms added inside the product instead of by a pass over the scores.
+    padded = torch.zeros(batch, views, padded_h, padded_w, channels + 1, device=device)
+    padded[:, :, r : r + height, r : r + width, :channels] = queries
+    padded[..., channels] = 1.0
+    padded = padded.reshape(batch, views * padded_h * padded_w, channels + 1)
     v_idx = torch.arange(views, device=device).view(-1, 1, 1)
     y_idx = torch.arange(height, device=device).view(1, -1, 1)
     x_idx = torch.arange(width, device=device).view(1, 1, -1)
     row_of = (v_idx * padded_h + y_idx + r).expand(views, height, width).reshape(-1, 1)
     col_of = (x_idx + r).expand(views, height, width).reshape(-1, 1)
     source = (row_of - shifts[:, 0]) * padded_w + (col_of - shifts[:, 1])  # (P, S)
-    bank_sq = bank.square().sum(-1).T  # (P, n)
+    bank_sq = positional_norms(rows, positions)  # (P, n), cached per bank
 
     # 1. Per bank position and shift: the nearest of the n training rows (expanded form).
-    per_position = 4 * num_shifts * batch * (count + channels)  # scores + gathered queries
-    step = max(1, min(positions, max_chunk_bytes // max(1, per_position)))
+    # Short chunks: the augmented bank chunk is built from the stored rows and read by the GEMM
+    # while it is still in cache (measured: long chunks made the copy cost as much as the GEMM).
+    per_position = 4 * (num_shifts * batch * (count + channels + 1) + count * (channels + 1))
+    step = max(1, min(positions, _POSITIONS_PER_CHUNK, max_chunk_bytes // max(1, per_position)))
     values = torch.empty(positions, num_shifts, batch, device=device)
     indices = torch.empty(positions, num_shifts, batch, dtype=torch.long, device=device)
+    augmented = torch.empty(step, count, channels + 1, device=device)
+    block = torch.empty(step, num_shifts * batch, count, device=device)
     for p0 in range(0, positions, step):
         p1 = min(positions, p0 + step)
-        q = padded[:, source[p0:p1]].permute(1, 2, 0, 3)  # (p, S, B, C)
-        q = q.reshape(p1 - p0, num_shifts * batch, channels)
-        b = bank[:, p0:p1].permute(1, 2, 0)  # (p, C, n): a strided view, no copy
-        scores = torch.baddbmm(bank_sq[p0:p1, None, :], q, b, alpha=-2.0)
+        p = p1 - p0
+        q = padded[:, source[p0:p1]].permute(1, 2, 0, 3)  # (p, S, B, C + 1)
+        q = q.reshape(p, num_shifts * batch, channels + 1)
+        b = augmented[:p]
+        torch.mul(bank[:, p0:p1].transpose(0, 1), -2.0, out=b[..., :channels])
+        b[..., channels] = bank_sq[p0:p1]
+        scores = torch.bmm(q, b.transpose(1, 2), out=block[:p])
         if excluded is not None:
             query_of, sample_of = excluded
-            scores.view(p1 - p0, num_shifts, batch, count)[:, :, query_of, sample_of] = math.inf
+            scores.view(p, num_shifts, batch, count)[:, :, query_of, sample_of] = math.inf
         value, index = scores.min(dim=-1)
-        values[p0:p1] = value.view(p1 - p0, num_shifts, batch)
-        indices[p0:p1] = index.view(p1 - p0, num_shifts, batch)
+        values[p0:p1] = value.view(p, num_shifts, batch)
+        indices[p0:p1] = index.view(p, num_shifts, batch)
 
     # 2. Back to query positions: query (y, x) met bank position (y + dy, x + dx) in shift
     # (dy, dx); positions off the map read the +inf padding. Shifts in order, strict <.
@@ -106,5 +125,22 @@ def positional_search(
     v_pos = v_idx.view(1, views, 1, 1).expand_as(best_row)
     y_pos = y_idx.view(1, 1, height, 1) + best_dy
     x_pos = x_idx.view(1, 1, 1, width) + best_dx
-    winners = maps[best_row, v_pos, y_pos, x_pos]  # (B, V, h, w, C)
+    winners = maps[best_row, v_pos, y_pos, x_pos].float()  # (B, V, h, w, C)
     return (queries - winners).norm(dim=-1)
+
+
+def positional_norms(rows: Tensor, positions: int) -> Tensor:
+    """``(P, n)`` float32 squared norms of the bank rows, position-major, cached per bank.
+
+    Computed once per bank tensor (``common.per_bank``: invalidated when the bank changes in
+    place), so a search no longer reads the whole bank a second time for them.
+    """
+
+    def build() -> Tensor:
+        count = rows.shape[0] // positions
+        out = torch.empty(positions, count, device=rows.device)
+        for i in range(count):  # one stored feature map at a time: no float32 copy of the bank
+            out[:, i] = rows[i * positions : (i + 1) * positions].float().square().sum(1)
+        return out
+
+    return per_bank(_NORMS_CACHE, rows, build)
