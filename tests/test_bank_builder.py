@@ -52,6 +52,27 @@ def test_full_bank_equals_the_concatenated_rows_and_spill_files_go(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_float16_bank_is_assembled_piece_by_piece_and_too_big_a_bank_fails_first(tmp_path):
+    per_sample = batches(seed=4)
+    builder = StreamingBankBuilder(spill_dir=str(tmp_path), piece_rows=50, dtype=torch.float16)
+    feed(builder, per_sample, list(range(23)))
+    banks = dict(builder.build())
+    for level, rows in all_rows(per_sample).items():
+        assert banks[level].dtype == torch.float16
+        assert torch.equal(banks[level], rows.half()), level
+    # The banks need 23 * (12 * DIMS[0] + 48 * DIMS[1]) * 2 bytes: one byte less is refused
+    # with one clear line before anything is allocated, and the spill files still go.
+    needed = 23 * (12 * DIMS[0] + 48 * DIMS[1]) * 2
+    builder = StreamingBankBuilder(
+        spill_dir=str(tmp_path), dtype=torch.float16, memory_limit_bytes=needed - 1
+    )
+    feed(builder, per_sample, list(range(23)))
+    assert builder.required_bytes({0: 23 * 12, 1: 23 * 48}) == needed
+    with pytest.raises(MemoryError, match="needs .* GB but .* GB of memory are available"):
+        dict(builder.build())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_exact_coreset_equals_greedy_coreset_of_all_rows(tmp_path):
     # projection_dim >= D: no projection on either side, so the selections must be identical.
     per_sample = batches(seed=1)

@@ -140,8 +140,10 @@ class MemoryBank(nn.Module):
                 f"bank level {level}: {features.shape[0]} rows are not whole feature maps of "
                 f"grid (V, h, w) = {tuple(grid)}"
             )
-        if not torch.isfinite(features).all():
-            raise ValueError(f"bank level {level}: features contain NaN or inf")
+        # In pieces: a full-size mask would be a second bank's worth of bytes at scale.
+        for start in range(0, features.shape[0], 1 << 16):
+            if not torch.isfinite(features[start : start + (1 << 16)]).all():
+                raise ValueError(f"bank level {level}: features contain NaN or inf")
         dtype = self.storage_dtype or torch.float32
         rows = features.detach().to(device=self._device_anchor.device, dtype=dtype)
         self.register_buffer(self.buffer_name(level), rows.contiguous())
