@@ -251,8 +251,9 @@ def category_section(args, say) -> None:
         + (
             f"; measured at {args.category_run:,} samples and extrapolated to N: the bank, the "
             "positional build and search are linear in N, the global coreset's greedy selection "
-            "is O(ratio N^2), and the peaks grow by the bank's extra bytes (the search and "
-            "build buffers are bounded by max_chunk_bytes and piece_rows)"
+            "is O(ratio N^2); the positional peaks grow by the bank's extra bytes (the search and "
+            "build buffers are bounded by max_chunk_bytes and piece_rows), the global ones "
+            "linearly (the coreset's projected rows grow with N)"
             if args.category_run < full
             else ""
         )
@@ -274,12 +275,18 @@ def category_section(args, say) -> None:
         if args.category_run < full:
             k = full / args.category_run
             build = out["build_seconds"] * (k if mode == "positional" else k * k)
-            # The bank grows with N; the search's and the builder's buffers are bounded
-            # (max_chunk_bytes, piece_rows), so the peaks grow by the bank's extra bytes.
-            grow = (k - 1) * out["bank_gib"]
+            # Positional: the bank grows with N, the search's and the builder's buffers are
+            # bounded (max_chunk_bytes, piece_rows), so the peaks grow by the bank's extra
+            # bytes. Global: the coreset's projected rows and selection (~3 N k floats) grow
+            # with N too, so the peaks are scaled linearly (an upper estimate).
+            if mode == "positional":
+                grow_build = grow = (k - 1) * out["bank_gib"]
+            else:
+                grow_build = (k - 1) * out["build_peak_gib"]
+                grow = (k - 1) * out["peak_gib"]
             say(
                 f"| {mode}, extrapolated | {full:,} | {out['ratio']} | x{k:g} | "
-                f"{out['bank_gib'] * k:.2f} | ~{build:.0f} | ~{out['build_peak_gib'] + grow:.1f} | "
+                f"{out['bank_gib'] * k:.2f} | ~{build:.0f} | ~{out['build_peak_gib'] + grow_build:.1f} | "
                 f"~{out['peak_gib'] + grow:.1f} | ~{out['score_seconds'] * k:.1f} |"
             )
 
