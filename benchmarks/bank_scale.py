@@ -286,7 +286,8 @@ def category_section(args, say) -> None:
                 grow = (k - 1) * out["peak_gib"]
             say(
                 f"| {mode}, extrapolated | {full:,} | {out['ratio']} | x{k:g} | "
-                f"{out['bank_gib'] * k:.2f} | ~{build:.0f} | ~{out['build_peak_gib'] + grow_build:.1f} | "
+                f"{out['bank_gib'] * k:.2f} | ~{build:.0f} | "
+                f"~{out['build_peak_gib'] + grow_build:.1f} | "
                 f"~{out['peak_gib'] + grow:.1f} | ~{out['score_seconds'] * k:.1f} |"
             )
 
