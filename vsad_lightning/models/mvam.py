@@ -180,6 +180,14 @@ def candidate_geometry(
     return _geometry(homographies, views, others, is_neighbour, window, height, width)
 
 
+def _views_of(x: Tensor, views: Tensor) -> Tensor:
+    """``x[:, views]``, as a slice (no copy, a cheap backward) when ``views`` are consecutive."""
+    first, count = int(views[0]), views.numel()
+    if int(views[-1]) - first + 1 == count:
+        return x[:, first : first + count]
+    return x[:, views]
+
+
 def neighbour_groups(neighbour_mask: Tensor) -> list[tuple[Tensor, Tensor]]:
     """The views grouped by their number of neighbours: ``[(views (G,), partners (G, k))]``.
 
@@ -187,17 +195,19 @@ def neighbour_groups(neighbour_mask: Tensor) -> list[tuple[Tensor, Tensor]]:
     every view has the same ``K = 1 + k R²`` candidates, so a group is one gather and a few
     batched matmuls; non-neighbour pairs are never computed (with ``top_and_ring`` on 5 views,
     the top view has 4 neighbours and the ring views 3: 149 instead of 185 candidates per
-    position). Groups are ordered by ``k``, views ascending inside a group.
+    position). Groups are ordered by their first view, views ascending inside a group.
     """
     mask = neighbour_mask.clone()
     mask.fill_diagonal_(False)
     counts = mask.sum(1)
     groups = []
-    for k in sorted(set(counts.tolist())):
+    for k in set(counts.tolist()):
         views = (counts == k).nonzero().flatten()
         partners = torch.stack([mask[v].nonzero().flatten() for v in views.tolist()])
         groups.append((views, partners.view(views.numel(), k)))
-    return groups
+    # By first view: when every group is a run of consecutive views (top_and_ring: [0],
+    # [1..4]), the groups' outputs concatenate in view order and need no reordering.
+    return sorted(groups, key=lambda group: int(group[0][0]))
 
 
 def _geometry(
@@ -428,17 +438,19 @@ class MVAM(nn.Module):
         qkv = F.conv2d(flat_x, weight).view(B, V, 3 * D, h, w)
         keys_all, vals_all = qkv[:, :, D : 2 * D], qkv[:, :, 2 * D :]
         mixed = [
-            self._attend(qkv[:, views, :D], keys_all, vals_all, geometry, gamma)
+            self._attend(_views_of(qkv, views)[:, :, :D], keys_all, vals_all, geometry, gamma)
             for views, geometry, gamma in groups
         ]
         # (B, V, h·w, D) in view order: the groups' views concatenated, then put back in place.
-        mixed = mixed[0] if order is None else torch.cat(mixed, dim=1)[:, order]
+        mixed = torch.cat(mixed, dim=1) if len(mixed) > 1 else mixed[0]
+        if order is not None:
+            mixed = mixed[:, order]
         mixed = mixed.reshape(B * V, h, w, D).permute(0, 3, 1, 2)
         return x + self.to_out(mixed).view(B, V, C, h, w)
 
     def _layout(self, homographies: Tensor, mask: Tensor, h: int, w: int):
         """Per neighbour group: its views, candidate geometry and ``γ(Δp)``; plus the order that
-        puts the groups' outputs back in view order (None: one group holding every view)."""
+        puts the groups' concatenated outputs back in view order (None: already in order)."""
         groups = []
         for views, partners in neighbour_groups(mask.cpu()):
             views, partners = views.to(mask.device), partners.to(mask.device)
