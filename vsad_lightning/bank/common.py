@@ -93,10 +93,10 @@ def per_bank(cache: WeakIdKeyDictionary, bank: Tensor, build: Callable[[], _T]) 
 
 def bank_stats(bank: Tensor) -> BankStats:
     """Mean and centred squared norms of the bank, computed once per bank (``per_bank``)."""
-    return per_bank(STATS_CACHE, bank, lambda: _buildbank_stats(bank))
+    return per_bank(STATS_CACHE, bank, lambda: build_bank_stats(bank))
 
 
-def _buildbank_stats(bank: Tensor) -> BankStats:
+def build_bank_stats(bank: Tensor) -> BankStats:
     num_rows = bank.shape[0]
     # The mean only centres the data (any nearby point would do; distances do not depend on
     # it): float32 sums per chunk, accumulated in float64 across the (up to millions of) rows.
