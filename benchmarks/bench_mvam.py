@@ -16,6 +16,9 @@ more entry. Sections:
   one (MVAM only, FRM only, both, both with gradient checkpointing); see ``unet_section``.
 - ``unet-sd2``: the same at Stable Diffusion 2 base's widths (320/640/1280/1280, random
   weights, 128 px -> 16x16 latents), decoder trainable (``train_unet="decoder"``).
+- ``overhead`` (only when named): MVAM + FRM over the plain U-Net at SD2 widths and
+  ``--sizes`` (default 256 and 512 px), the previous MVAM and the current one interleaved in one
+  run, for a training step and for inference; see ``overhead_section``.
 
 One sample of 5 views (Real-IAD), ``top_and_ring`` neighbours, R = 3, fp32 on CPU unless
 ``--bf16``. On a shared machine run with ``OMP_NUM_THREADS=1``: with more threads than free
@@ -203,6 +206,101 @@ def _unet_rows(
 
 
 # ==============================================================================================
+# Section "overhead": MVAM + FRM over the plain U-Net, the previous MVAM and the current one
+# side by side, interleaved in one run (so both ratios see the same machine load).
+# ----------------------------------------------------------------------------------------------
+# SD2 base's widths (random weights), ``--sizes`` image sides (latent = side / 8), one sample of
+# 5 views, ``top_and_ring``, decoder trainable, ``attention_dim`` 64. Per repeat, in this order:
+# the plain U-Net (MVAM hooks pass the ResBlock output through, FRM off), MVAM + FRM with the
+# previous MVAM forward (every other view gathered, non-neighbours masked:
+# benchmarks/_mvam_before.py), and MVAM + FRM as it is now (neighbour pairs only). Rows: a
+# training step (``diffusion_objective`` forward + backward) and an inference pass
+# (``no_grad``, one U-Net call with feature capture).
+def overhead_section(args: argparse.Namespace) -> list[dict]:
+    import contextlib
+
+    from _mvam_before import before
+
+    import vsad_lightning.models.unet as unet_module
+
+    @contextlib.contextmanager
+    def plain(model):
+        hook = unet_module._AlignerHook.__call__
+        unet_module._AlignerHook.__call__ = lambda self, module, inputs, output: output
+        model.use_frm = False
+        try:
+            yield
+        finally:
+            unet_module._AlignerHook.__call__ = hook
+            model.use_frm = True
+
+    rows = []
+    for image in args.sizes:
+        rows += _overhead_rows(args, image, plain, before)
+    return rows
+
+
+def _overhead_rows(args: argparse.Namespace, image: int, plain, before) -> list[dict]:
+    import contextlib
+    import statistics
+    import time
+
+    from _mvam_levels import level_homographies
+
+    from vsad_lightning.geometry.projection import neighbour_mask
+    from vsad_lightning.models.objective import diffusion_objective
+    from vsad_lightning.models.unet import ViewAlignedUNet
+
+    views, rows = 5, []
+    backbone = _sd2_width_backbone(image // 8)
+    torch.manual_seed(0)
+    model = ViewAlignedUNet(backbone.unet, attention_dim=64, train_unet="decoder")
+    with torch.no_grad():
+        for aligner in model.aligners.values():
+            aligner.to_out.weight.normal_(std=0.02)
+        for refiner in model.refiners.values():
+            refiner.out.weight.normal_(std=0.02)
+    side = image // 8
+    latents = torch.randn(1, views, backbone.latent_channels, side, side)
+    H = level_homographies(1, views, image, image)
+    mask = neighbour_mask("top_and_ring", views)
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        out = diffusion_objective(
+            model, latents, backbone.scheduler, backbone.prompt_embedding, H,
+            (image, image), mask, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        out.loss.backward()
+
+    def inference() -> None:
+        with torch.no_grad():
+            t = torch.full((1,), 200, dtype=torch.long)
+            model(latents, t, backbone.prompt_embedding, H, (image, image), mask)
+
+    variants = {"plain": lambda: plain(model), "before": before, "now": contextlib.nullcontext}
+    for kind, run in (("train step", train_step), ("inference", inference)):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for repeat in range(args.repeats + 1):  # the first round warms up, untimed
+            for name, context in variants.items():
+                with context():
+                    start = time.perf_counter()
+                    run()
+                    if repeat:
+                        times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        row = {"section": "overhead", "image": image, "kind": kind, "repeats": args.repeats}
+        row.update({f"{name}_s": value for name, value in med.items()})
+        row["overhead_before"] = med["before"] / med["plain"] - 1
+        row["overhead_now"] = med["now"] / med["plain"] - 1
+        print(
+            f"overhead {image} px {kind}: plain {med['plain']:.2f} s, MVAM+FRM before "
+            f"{med['before']:.2f} s (+{100 * row['overhead_before']:.0f} %), now "
+            f"{med['now']:.2f} s (+{100 * row['overhead_now']:.0f} %)",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
@@ -211,6 +309,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "scaling": scaling_section,
     "unet": unet_section,
     "unet-sd2": unet_sd2_section,
+    "overhead": overhead_section,
 }
 
 
@@ -219,6 +318,7 @@ def _mb(value: int | None) -> str:
 
 
 def print_rows(rows: list[dict]) -> None:
+    rows = [r for r in rows if r["section"] != "overhead"]  # printed as they are measured
     header = (
         f"{'section':8} {'level':6} {'C':>5} {'h x w':>7} {'D':>4} {'K':>3} "
         f"{'fwd+bwd ms (min/med)':>20} "
@@ -238,8 +338,12 @@ def print_rows(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    default = [name for name in SECTIONS if name != "overhead"]
+    parser.add_argument("--sections", nargs="+", default=default, choices=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=[256, 512], help="image sides of 'overhead'"
+    )
     parser.add_argument("--bf16", action="store_true", help="run MVAM under bf16 autocast")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ one test sample as queries (5 views x 64 x 64 = 20480 rows). Methods:
                 (covariance, eigh, projection of every row) is the ``setup`` column.
 * ``torch``     ``nearest_distance(backend="torch")``: chunked fused addmm + running argmin +
                 exact recomputation of the winning row (the brute-force exact search).
-* ``pruned``    ``nearest_distance(backend="pruned")``: the exact pruned search (k-means clusters
+* ``pruned``    ``benchmarks/_pruned_search.py``: the exact pruned search (k-means clusters
                 with radii, triangle-inequality bounds; it falls back to brute force by itself
                 when more than half of the pairs survive the bounds). ``visited`` is the
                 fraction of (query, row) pairs it compared.
@@ -118,16 +118,17 @@ def _make_data(num_bank: int, num_queries: int, dim: int, kind: str = "random"):
 def _setup(method: str, bank):
     """One-time work per bank, reused by every later search (timed separately)."""
     if method == "ours":
-        from vsad_lightning.models.knn import _bank_stats, projection_pays
+        from vsad_lightning.bank.common import bank_stats
+        from vsad_lightning.bank.knn import projection_pays
 
         projection_pays(bank)  # builds and caches the projection index when it pays
-        return _bank_stats(bank)
+        return bank_stats(bank)
     if method == "torch":
-        from vsad_lightning.models.knn import _bank_stats
+        from vsad_lightning.bank.common import bank_stats
 
-        return _bank_stats(bank)  # mean and norms, cached on the bank tensor
+        return bank_stats(bank)  # mean and norms, cached on the bank tensor
     if method == "pruned":
-        from vsad_lightning.models.knn import _cluster_index
+        from _pruned_search import _cluster_index
 
         return _cluster_index(bank)  # builds and caches the stats too
     if method == "faiss":
@@ -141,13 +142,13 @@ def _setup(method: str, bank):
 
 def _search(method: str, state, queries, bank, max_chunk_bytes: int):
     import torch
+    from _pruned_search import pruned_search
 
-    from vsad_lightning.models.knn import (
+    from vsad_lightning.bank.knn import (
         chunk_sizes,
         nearest_distance,
         projected_search,
         projection_pays,
-        pruned_search,
     )
 
     if method == "pruned":
@@ -230,7 +231,7 @@ def child(
 def child_coreset(num_rows: int, dim: int, ratio: float, threads: int) -> None:
     import torch
 
-    from vsad_lightning.models.memory_bank import greedy_coreset
+    from vsad_lightning.bank.coreset import greedy_coreset
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -289,9 +290,8 @@ def prunability(checkpoint: str, rows_per_cluster: int = 32) -> None:
     bank's. Prints the visited fraction (1.0: fell back to brute force) and the median nearest
     distance over the median pairwise distance (near 1: no cluster structure to exploit).
     """
+    import _pruned_search as knn
     import torch
-
-    from vsad_lightning.models import knn
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     # final.ckpt keeps the bank's build info itself (older ones: the callback's state).

@@ -34,6 +34,12 @@ coreset). The brute-force search's cost does not depend on the values and grows 
 search here.
 Weights are random too: latency does not depend on their values.
 
+Old and new side by side (``--compare``, default on): every repeat scores the sample with the
+code paths as they were before the speed work (row ``before``: the MVAM forward that gathered
+every other view, benchmarks/_mvam_before.py, and the positional search without the norm cache,
+benchmarks/_positional_before.py) and then as they are now (row ``now``), interleaved, so both
+see the same load on a shared machine; a last row gives the ratio per stage.
+
 Timing: ``--warmup`` untimed samples (default 1), then the median of ``--repeats`` samples
 per stage; on CUDA each stage ends with ``torch.cuda.synchronize()``. ``--dtype bf16`` runs
 the encoder and U-Net under ``torch.autocast`` (the kNN stays float32: exact search).
@@ -126,9 +132,9 @@ class Pipeline:
     def __init__(self, parts, model: dict, image: int, device, dtype, bank_ratio: float) -> None:
         from _mvam_levels import level_homographies
 
+        from vsad_lightning.bank.storage import MemoryBank
         from vsad_lightning.geometry.projection import neighbour_mask
         from vsad_lightning.models.features import FeatureExtractor
-        from vsad_lightning.models.memory_bank import MemoryBank
         from vsad_lightning.models.unet import ViewAlignedUNet
 
         self.device, self.dtype, self.image = device, dtype, image
@@ -200,8 +206,29 @@ class Pipeline:
         )
 
     @torch.no_grad()
-    def sample(self) -> dict[str, float]:
-        """One sample through every stage: seconds per stage."""
+    def sample(self, before: bool = False) -> dict[str, float]:
+        """One sample through every stage: seconds per stage.
+
+        ``before``: with the code paths as they were before the speed work (the previous MVAM
+        forward, benchmarks/_mvam_before.py, and the previous positional search,
+        benchmarks/_positional_before.py), to time old and new side by side in one run.
+        """
+        if not before:
+            return self._sample()
+        from _mvam_before import before as mvam_before
+        from _positional_before import positional_search
+
+        import vsad_lightning.bank.storage as storage
+
+        current = storage.positional_search
+        storage.positional_search = positional_search
+        try:
+            with mvam_before():
+                return self._sample()
+        finally:
+            storage.positional_search = current
+
+    def _sample(self) -> dict[str, float]:
         from vsad_lightning.models.features import LATENT_LEVEL, normalise_features
         from vsad_lightning.models.scoring import (
             anomaly_maps,
@@ -278,6 +305,13 @@ def main() -> None:
         default=0.01,
         help="bank rows per level as a fraction of 250 samples x 5 views x h x w (default 0.01)",
     )
+    parser.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the code paths as they were before the speed work, interleaved with "
+        "the current ones (rows 'before' and 'now' and their ratio)",
+    )
     parser.add_argument("--out", help="markdown output (default: results/latency_<hw>.md)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -308,32 +342,48 @@ def main() -> None:
         "rows per level (a coreset), positional ones of all 250 samples' feature maps.\n"
     )
     say(
-        "| config | image | U-Net passes | warm-up samples | bank | bank rows per level (N x C) | "
+        "| config | code | image | U-Net passes | warm-up samples | bank | "
+        "bank rows per level (N x C) | "
         + " | ".join(f"{s} s" for s in STAGES)
         + " | total s | samples/s |"
     )
-    say("|---|---|---|---|---|---|" + "---|" * (len(STAGES) + 2))
+    say("|---|---|---|---|---|---|---|" + "---|" * (len(STAGES) + 2))
     for config in args.configs:
         for image in args.sizes:
             parts, model = (tiny_parts if config == "tiny" else sd2_parts)(image)
             pipeline = Pipeline(parts, model, image, device, dtype, args.bank_ratio)
             del parts
             warmup = args.warmup if config == "tiny" or args.sd2_warmup is None else args.sd2_warmup
-            for _ in range(warmup):
-                pipeline.sample()  # also builds the kNN caches of the banks
-            runs = [pipeline.sample() for _ in range(args.repeats)]
-            medians = {s: statistics.median(r[s] for r in runs) for s in STAGES}
-            total = sum(medians.values())
+            paths = ["before", "now"] if args.compare else ["now"]
+            runs: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
+            for repeat in range(warmup + args.repeats):
+                for path in paths:  # interleaved: old and new see the same machine load
+                    times = pipeline.sample(before=path == "before")  # 1st: kNN caches too
+                    if repeat >= warmup:
+                        runs[path].append(times)
             passes = (model["inversion_steps"] if model["feature_mode"] == "inversion" else 0) + 1
             banks = ", ".join(f"{n:,}x{c}" for n, c in pipeline.bank_rows.values())
             bank_kind = (
                 f"positional r={pipeline.radius}" if pipeline.radius is not None else "global"
             ) + (f", latent x{pipeline.latent_weight:g}" if pipeline.latent_weight > 0 else "")
-            say(
-                f"| {config} | {image} | {passes} | {warmup} | {bank_kind} | {banks} | "
-                + " | ".join(f"{medians[s]:.3f}" for s in STAGES)
-                + f" | {total:.3f} | {1 / total if total > 0 else math.inf:.3f} |"
-            )
+            medians = {}
+            for path in paths:
+                medians[path] = {s: statistics.median(r[s] for r in runs[path]) for s in STAGES}
+                total = sum(medians[path].values())
+                say(
+                    f"| {config} | {path} | {image} | {passes} | {warmup} | {bank_kind} | "
+                    f"{banks} | "
+                    + " | ".join(f"{medians[path][s]:.3f}" for s in STAGES)
+                    + f" | {total:.3f} | {1 / total if total > 0 else math.inf:.3f} |"
+                )
+            if args.compare:
+                ratio = {s: medians["before"][s] / max(medians["now"][s], 1e-9) for s in STAGES}
+                total = sum(medians["before"].values()) / sum(medians["now"].values())
+                say(
+                    f"| {config} | speed-up (before / now) | {image} | | | | | "
+                    + " | ".join(f"{ratio[s]:.2f}x" for s in STAGES)
+                    + f" | {total:.2f}x | |"
+                )
             del pipeline
             # Written after every row: a slow configuration cut short keeps the earlier ones.
             atomic_write_text(out_path, "\n".join(lines) + "\n")

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vsad_lightning.models.bank_builder import StreamingBankBuilder
-from vsad_lightning.models.memory_bank import greedy_coreset
+from vsad_lightning.bank.builder import StreamingBankBuilder
+from vsad_lightning.bank.coreset import greedy_coreset
 
 ROWS_PER_SAMPLE = {0: 12, 1: 48}  # two levels, e.g. 5 views at 2x2 and 4x4... any fixed count
 DIMS = {0: 24, 1: 10}
@@ -47,6 +47,27 @@ def test_full_bank_equals_the_concatenated_rows_and_spill_files_go(tmp_path):
     for level, rows in all_rows(per_sample).items():
         assert torch.equal(banks[level], rows), level
     assert builder.total_rows == {0: 23 * 12, 1: 23 * 48}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float16_bank_is_assembled_piece_by_piece_and_too_big_a_bank_fails_first(tmp_path):
+    per_sample = batches(seed=4)
+    builder = StreamingBankBuilder(spill_dir=str(tmp_path), piece_rows=50, dtype=torch.float16)
+    feed(builder, per_sample, list(range(23)))
+    banks = dict(builder.build())
+    for level, rows in all_rows(per_sample).items():
+        assert banks[level].dtype == torch.float16
+        assert torch.equal(banks[level], rows.half()), level
+    # The banks need 23 * (12 * DIMS[0] + 48 * DIMS[1]) * 2 bytes: one byte less is refused
+    # with one clear line before anything is allocated, and the spill files still go.
+    needed = 23 * (12 * DIMS[0] + 48 * DIMS[1]) * 2
+    builder = StreamingBankBuilder(
+        spill_dir=str(tmp_path), dtype=torch.float16, memory_limit_bytes=needed - 1
+    )
+    feed(builder, per_sample, list(range(23)))
+    assert builder.required_bytes({0: 23 * 12, 1: 23 * 48}) == needed
+    with pytest.raises(MemoryError, match="needs .* GB but .* GB of memory are available"):
+        dict(builder.build())
     assert list(tmp_path.iterdir()) == []
 
 

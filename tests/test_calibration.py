@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from vsad_lightning.bank.knn import nearest_distance
+from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.metrics.curves import exact_auroc
@@ -19,8 +21,6 @@ from vsad_lightning.models.calibration import (
     leave_one_out_maps,
     robust_center_scale,
 )
-from vsad_lightning.models.knn import nearest_distance
-from vsad_lightning.models.memory_bank import MemoryBank, flatten_features, unflatten_features
 from vsad_lightning.models.scoring import anomaly_maps
 from vsad_lightning.system.module import VSADModule
 

@@ -1,19 +1,19 @@
-"""Exact nearest-neighbour distances: both backends against a float64 brute force."""
+"""Exact nearest-neighbour distances: every backend against a float64 brute force."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vsad_lightning.models import knn
-from vsad_lightning.models.knn import (
+from vsad_lightning.bank import brute_force as brute_force_search
+from vsad_lightning.bank import projected
+from vsad_lightning.bank.knn import (
     chunk_sizes,
     faiss_available,
     nearest_distance,
     nearest_neighbour,
     projected_search,
     projection_pays,
-    pruned_search,
     resolve_backend,
 )
 
@@ -150,94 +150,9 @@ def test_auto_backend_resolution():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
     assert resolve_backend("torch", torch.device("cpu")) == "torch"
-
-
-# --------------------------------------------------------------------------- pruned search
-def clustered_data(seed: int, num_bank: int = 12_000, dim: int = 32, offset: float = 0.0):
-    """Rows around 60 well-separated centres, queries from the same mixture (pruning pays)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = 6.0 * torch.randn(60, dim, generator=g)
-    bank = centres[torch.randint(60, (num_bank,), generator=g)] + torch.randn(
-        num_bank, dim, generator=g
-    )
-    bank += offset
-    bank[-200:] = bank[:200]  # duplicate rows: ties
-    queries = torch.cat(
-        [
-            bank[1000:1100].clone(),  # exact bank rows
-            bank[2000:2100] + 1e-3 * torch.randn(100, dim, generator=g),  # near-duplicates
-            centres[torch.randint(60, (300,), generator=g)]
-            + torch.randn(300, dim, generator=g)
-            + offset,
-            8.0 * torch.randn(100, dim, generator=g) + offset,  # far from everything
-        ]
-    )
-    return queries, bank
-
-
-@pytest.mark.parametrize("offset", [0.0, 300.0])
-def test_pruned_search_is_exact_and_prunes_clustered_banks(monkeypatch, offset):
-    # Small clusters so a 12k-row bank gets ~47 of them, as a 1e6-row one gets ~490.
-    monkeypatch.setattr(knn, "_ROWS_PER_CLUSTER", 256)
-    queries, bank = clustered_data(seed=6, offset=offset)
-    distances, index, visited = pruned_search(queries, bank)
-    reference = brute_force(queries, bank)
-    torch.testing.assert_close(distances.double(), reference, rtol=1e-5, atol=1e-5)
-    assert torch.equal(distances[:100], torch.zeros(100))
-    # The same nearest row as brute force, up to duplicated bank rows.
-    brute_distances, brute_index = nearest_neighbour(queries, bank, backend="torch")
-    assert torch.equal(distances, brute_distances)
-    assert torch.equal(bank[index], bank[brute_index])
-    # The bounds must remove most of the work on clustered rows, or the method is pointless.
-    assert visited < 0.3, visited
-
-
-def test_pruned_search_small_budget_and_tiny_banks(monkeypatch):
-    monkeypatch.setattr(knn, "_ROWS_PER_CLUSTER", 256)
-    queries, bank = clustered_data(seed=7)
-    full = nearest_distance(queries, bank, backend="pruned")
-    small = nearest_distance(queries, bank, backend="pruned", max_chunk_bytes=200_000)
-    assert torch.equal(full, small)
-    for rows in (1, 5, 300):  # one cluster, one row
-        torch.testing.assert_close(
-            nearest_distance(queries, bank[:rows], backend="pruned").double(),
-            brute_force(queries, bank[:rows]),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-
-
-def test_pruned_search_falls_back_on_unclustered_rows():
-    # Gaussian rows in 64 dimensions: the triangle bounds prune nothing, so the chunk is
-    # searched by brute force (visited fraction 1) with the same result.
-    g = torch.Generator().manual_seed(8)
-    bank = torch.randn(6000, 64, generator=g)
-    queries = torch.randn(300, 64, generator=g)
-    distances, _, visited = pruned_search(queries, bank)
-    assert visited == 1.0
-    assert torch.equal(distances, nearest_distance(queries, bank, backend="torch"))
-
-
-def test_pruned_cache_follows_in_place_changes(monkeypatch):
-    monkeypatch.setattr(knn, "_ROWS_PER_CLUSTER", 256)
-    queries, bank = clustered_data(seed=9)
-    nearest_distance(queries, bank, backend="pruned")
-    bank[:6000] = bank[6000:].flip(0) + 0.25  # moves rows between clusters
-    torch.testing.assert_close(
-        nearest_distance(queries, bank, backend="pruned").double(),
-        brute_force(queries, bank),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-
-
-def test_pruned_backend_is_explicit_only():
-    cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "torch"
-    assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    assert resolve_backend("pruned", cpu) == "pruned"
-    with pytest.raises(ValueError, match="pruned"):
-        resolve_backend("bogus", cpu)  # type: ignore[arg-type]
+    # The cluster-pruned search left the package for benchmarks/: the name is refused clearly.
+    with pytest.raises(ValueError, match="'projected'"):
+        resolve_backend("pruned", torch.device("cpu"))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------ projected search
@@ -272,7 +187,7 @@ def test_projected_search_is_exact_and_compares_few_pairs(offset):
     assert torch.equal(distances, brute_distances)
     assert torch.equal(bank[index], bank[brute_index])
     # 16 + 2 of 256 dimensions searched; the bound must spare almost every full comparison.
-    assert knn._projection_index(bank).basis.shape[1] <= 20
+    assert projected._projection_index(bank).basis.shape[1] <= 20
     assert compared < 0.01, compared
 
 
@@ -283,11 +198,13 @@ def test_projected_search_small_budgets_tiny_banks_and_weak_blocks(monkeypatch):
         nearest_distance(queries, bank, backend="projected", max_chunk_bytes=200_000), full
     )
     # Every block with a survivor searched by the brute-force expansion instead.
-    monkeypatch.setattr(knn, "_SURVIVOR_FALLBACK_FRACTION", 0.0)
-    monkeypatch.setattr(knn, "_PROJECTED_BANK_CHUNK", 1000)
+    monkeypatch.setattr(projected, "_SURVIVOR_FALLBACK_FRACTION", 0.0)
+    monkeypatch.setattr(projected, "_PROJECTED_BANK_CHUNK", 1000)
     brute_calls = []
-    brute = knn._argmin_torch
-    monkeypatch.setattr(knn, "_argmin_torch", lambda *a: brute_calls.append(1) or brute(*a))
+    brute = brute_force_search.argmin_torch
+    monkeypatch.setattr(
+        brute_force_search, "argmin_torch", lambda *a: brute_calls.append(1) or brute(*a)
+    )
     torch.testing.assert_close(
         nearest_distance(queries, bank.clone(), backend="projected"), full, rtol=1e-6, atol=0.0
     )
@@ -306,7 +223,7 @@ def test_projected_search_falls_back_on_a_flat_spectrum():
     bank = torch.randn(6000, 64, generator=g)  # isotropic: 99 % of the variance needs ~63 dims
     queries = torch.randn(300, 64, generator=g)
     distances, _, compared = projected_search(queries, bank)
-    assert compared == 1.0 and knn._projection_index(bank).basis is None
+    assert compared == 1.0 and projected._projection_index(bank).basis is None
     assert torch.equal(distances, nearest_distance(queries, bank, backend="torch"))
 
 
@@ -330,14 +247,14 @@ def test_projected_cache_follows_in_place_changes_and_half_banks():
 
 
 def test_auto_takes_the_projected_search_only_where_it_pays(monkeypatch):
-    monkeypatch.setattr(knn, "_PROJECTED_MIN_ROWS", 5000)
+    monkeypatch.setattr(projected, "_PROJECTED_MIN_ROWS", 5000)
     queries, steep = low_rank_data(seed=14)
     flat = torch.randn(6000, 64, generator=torch.Generator().manual_seed(15))
     assert projection_pays(steep) and not projection_pays(flat)
     assert not projection_pays(steep[:4000].clone())  # too small to be worth an index
     used = []
-    projected = knn._argmin_projected
-    monkeypatch.setattr(knn, "_argmin_projected", lambda *a: used.append(1) or projected(*a))
+    search = projected.argmin_projected
+    monkeypatch.setattr(projected, "argmin_projected", lambda *a: used.append(1) or search(*a))
     torch.testing.assert_close(
         nearest_distance(queries, steep).double(), brute_force(queries, steep), rtol=1e-5, atol=1e-5
     )

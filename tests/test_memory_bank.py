@@ -6,13 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from vsad_lightning.models.knn import nearest_distance
-from vsad_lightning.models.memory_bank import (
-    MemoryBank,
-    flatten_features,
-    greedy_coreset,
-    unflatten_features,
-)
+from vsad_lightning.bank.coreset import greedy_coreset
+from vsad_lightning.bank.knn import nearest_distance
+from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
 
 
 # ----------------------------------------------------------------------------- layout
@@ -215,6 +211,25 @@ def test_positional_distances_equal_a_brute_force_window_search(radius):
     # A tiny chunk bound splits the bank rows; the answer must not change.
     small = bank.positional_distances(1, queries, radius, max_chunk_bytes=1)
     torch.testing.assert_close(small, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_positional_search_follows_in_place_changes_and_half_banks():
+    # The bank's norms are cached per bank tensor: a bank overwritten in place (as
+    # load_state_dict does) must not be searched with the old norms; float16 banks are searched
+    # without a float32 copy of the whole bank and give the float32 answer of the same rows.
+    gen = torch.Generator().manual_seed(5)
+    bank_maps = torch.randn(3, 2, 4, 5, 6, generator=gen)
+    queries = torch.randn(1, 2, 4, 5, 6, generator=gen)
+    bank = MemoryBank()
+    bank.set_level(0, flatten_features(bank_maps), grid=(2, 5, 6))
+    bank.positional_distances(0, queries, 1)
+    bank.bank(0).mul_(3.0).add_(0.5)
+    expected = _brute_positional(bank_maps * 3.0 + 0.5, queries, 1)
+    torch.testing.assert_close(bank.positional_distances(0, queries, 1), expected)
+    half = MemoryBank(dtype=torch.float16)
+    half.set_level(0, flatten_features(bank_maps), grid=(2, 5, 6))
+    expected = _brute_positional(bank_maps.half().float(), queries, 1)
+    torch.testing.assert_close(half.positional_distances(0, queries, 1), expected)
 
 
 def test_positional_search_finds_a_training_feature_in_its_own_place_exactly():

@@ -21,6 +21,7 @@ from vsad_lightning.models.mvam import (
     candidate_geometry,
     frequency_embedding,
     gather_candidates,
+    neighbour_groups,
     other_views,
 )
 
@@ -474,3 +475,21 @@ def test_geometry_works_with_float64_homographies_and_many_views():
     j = (other_views(5)[1] == 3).nonzero().item()
     assert not geometry.valid[:, 1, :, 1 + j * 9 : 1 + (j + 1) * 9].any()
     np.testing.assert_array_equal(geometry.valid[:, 1, 5, 1 + 4].numpy(), [True, True])
+
+
+def test_neighbour_pairs_only_top_and_ring_matches_the_masked_full_layout():
+    """``top_and_ring`` on 5 views: the top view (4 neighbours) and the ring views (3) are two
+    groups, 149 candidates instead of 185; the output equals the masked all-views layout's."""
+    groups = neighbour_groups(neighbour_mask("top_and_ring", 5))
+    assert [(v.tolist(), p.shape[1]) for v, p in groups] == [([0], 4), ([1, 2, 3, 4], 3)]
+    assert sum(v.numel() * (1 + p.shape[1] * 9) for v, p in groups) == 149
+    g = torch.Generator().manual_seed(3)
+    module = MVAM(8, attention_dim=8, num_heads=2)
+    set_random_output(module, g)
+    H = random_homographies(1, 5, g)
+    x = torch.randn(1, 5, 8, 4, 5, generator=g)
+    mask = neighbour_mask("top_and_ring", 5)
+    expected = reference_mvam(module, x, H, mask)
+    with torch.no_grad():
+        ours = module.double()(x.double(), H.double(), mask)
+    assert torch.allclose(ours, expected, atol=1e-10, rtol=0), (ours - expected).abs().max()

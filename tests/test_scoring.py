@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vsad_lightning.models.knn import nearest_distance
-from vsad_lightning.models.memory_bank import MemoryBank, flatten_features
+from vsad_lightning.bank.knn import nearest_distance
+from vsad_lightning.bank.storage import MemoryBank, flatten_features
 from vsad_lightning.models.scoring import (
     ScoreOutput,
     anomaly_maps,

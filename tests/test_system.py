@@ -14,11 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vsad_lightning.bank.knn import nearest_distance
 from vsad_lightning.data.dataset import cache_path_for
 from vsad_lightning.data.sample_homographies import sample_cache_path
 from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.projection import neighbour_mask
-from vsad_lightning.models.knn import nearest_distance
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -44,9 +44,9 @@ MUTATIONS = [
         "mvam_direction",
         "MVAM's homography direction (view v looks through H[v, u])",
         "vsad_lightning/models/mvam.py",
-        "candidate_geometry",
-        "H = homographies.to(dtype)[:, torch.arange(V, device=device)[:, None], others]",
-        "H = homographies.to(dtype)[:, others, torch.arange(V, device=device)[:, None]]",
+        "_geometry",
+        "H = homographies.to(dtype)[:, views[:, None], partners]",
+        "H = homographies.to(dtype)[:, partners, views[:, None]]",
         ("tests/test_mvam.py",),
     ),
     Mutation(
@@ -63,7 +63,7 @@ MUTATIONS = [
     Mutation(
         "knn_mean",
         "kNN distance is the nearest row's (min), not the mean over the bank",
-        "vsad_lightning/models/knn.py",
+        "vsad_lightning/bank/knn.py",
         "nearest_distance",
         "    return nearest_neighbour(queries, bank, backend=backend, "
         "max_chunk_bytes=max_chunk_bytes)[0]",
@@ -94,10 +94,10 @@ MUTATIONS = [
     Mutation(
         "bank_gather",
         "under DDP every rank's bank holds every rank's rows",
-        "vsad_lightning/callbacks/memory_bank.py",
-        "MemoryBankCallback (in-memory gather)",
-        "        return {level: _gather_rows(pl_module, rows) for level, rows in local.items()}",
-        "        return local",
+        "vsad_lightning/models/model.py",
+        "VSADModel.fit_memory_bank (in-memory gather)",
+        "                else {level: state.gather_rows(rows) for level, rows in local.items()}",
+        "                else local",
         ("tests/test_system.py::test_ddp_two_processes_build_the_same_bank_as_one",),
     ),
     Mutation(
@@ -122,9 +122,9 @@ MUTATIONS = [
         "neighbour_mask",
         "MVAM attends only to the neighbour graph's views",
         "vsad_lightning/models/mvam.py",
-        "candidate_geometry",
-        "        valid = inside & in_front & is_neighbour[None, :, :, None, None]",
-        "        valid = inside & in_front",
+        "neighbour_groups",
+        "    mask = neighbour_mask.clone()\n",
+        "    mask = torch.ones_like(neighbour_mask)\n",
         ("tests/test_mvam.py",),
     ),
     Mutation(

@@ -1,1 +1,1 @@
-"""Plain nn.Modules: MVAM, FRM, the view-aligned U-Net, backbones, memory bank."""
+"""Plain nn.Modules: MVAM, FRM, the view-aligned U-Net, backbones (bank: vsad_lightning.bank)."""

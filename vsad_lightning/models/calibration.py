@@ -68,9 +68,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vsad_lightning.bank.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend
+from vsad_lightning.bank.storage import MemoryBank
 from vsad_lightning.models.fusion import fuse_maps
-from vsad_lightning.models.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend
-from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.scoring import (
     anomaly_maps,
     level_distance_maps,

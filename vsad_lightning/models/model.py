@@ -23,9 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vsad_lightning.bank.builder import StreamingBankBuilder
+from vsad_lightning.bank.coreset import greedy_coreset
+from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
 from vsad_lightning.geometry.registration import is_identity, maps_to_original
 from vsad_lightning.models.backbones import build_backbone
-from vsad_lightning.models.bank_builder import StreamingBankBuilder
 from vsad_lightning.models.calibration import (
     CALIBRATION_MODES,
     Calibration,
@@ -38,12 +40,6 @@ from vsad_lightning.models.features import (
     FeatureExtractor,
     FeatureNorm,
     normalise_features,
-)
-from vsad_lightning.models.memory_bank import (
-    MemoryBank,
-    flatten_features,
-    greedy_coreset,
-    unflatten_features,
 )
 from vsad_lightning.models.rig import Rig
 from vsad_lightning.models.scoring import score_features
@@ -122,7 +118,7 @@ class ScoringConfig:
     level_weights: list[float] | None = None
     latent_weight: float = 0.0
     sigma: float = 4.0
-    knn_backend: Literal["auto", "torch", "faiss", "pruned", "projected"] = "auto"
+    knn_backend: Literal["auto", "torch", "faiss", "projected"] = "auto"
     feature_norm: FeatureNorm = "none"
     bank_mode: Literal["global", "positional"] = "global"
     positional_radius: int = 2

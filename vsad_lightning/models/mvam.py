@@ -16,11 +16,12 @@ Choices made here (the design is silent on them):
   (pixels cover ``[i, i+1)``). It equals ``round(p̂_u - 0.5)`` (the pixel whose centre is
   nearest) except exactly on pixel boundaries, where ``floor`` is deterministic and
   ``round``'s half-to-even rule would alternate between left and right.
-- **Non-neighbour pairs are computed and masked.** Every view gathers candidates from all
-  ``V - 1`` other views, so every position has the same ``K = 1 + (V - 1) R²`` candidates and
-  the whole module is one gather and a few batched matmuls; pairs outside the neighbour mask
-  are marked invalid. With Real-IAD's ``top_and_ring`` graph on 5 views, 16 of the 20 ordered
-  pairs are neighbours, so at most 20 % of the gather is wasted.
+- **Neighbour pairs only.** The views are grouped by their number of neighbours ``k``
+  (``neighbour_groups``); inside a group every position has the same ``K = 1 + k R²``
+  candidates, so each group is one gather and a few batched matmuls, and non-neighbour pairs
+  are never computed. With Real-IAD's ``top_and_ring`` graph on 5 views (the top view has 4
+  neighbours, the ring views 3) that is 149 candidates per position and view set instead of
+  the 185 of gathering every other view and masking the non-neighbours (20 % less work).
 - **Positional terms applied after the attention sum.** ``k_c = W_k x_u(q) + P_k γ(Δp)`` gives
   ``q·k_c = q·W_k x_u(q) + (P_kᵀ q)·γ(Δp)`` and ``Σ a_c v_c = Σ a_c W_v x_u(q) + P_v Σ a_c γ(Δp)``
   (per head). Both identities are exact, so only the projected features are gathered and the
@@ -157,6 +158,10 @@ def candidate_geometry(
 ) -> CandidateGeometry:
     """Candidate positions, validity and offsets (docs/method.md#mvam, steps 1-3), vectorised.
 
+    Every view gets candidates from all ``V - 1`` other views, non-neighbours marked invalid
+    (the layout of ``CandidateGeometry``). ``MVAM.forward`` itself computes neighbour pairs
+    only (``neighbour_groups``); this full layout is what the tests and benchmarks inspect.
+
     Args:
         homographies: ``(B, V, V, 3, 3)`` scaled to ``(width, height)``, pixel centres,
             ``[b, v, u]`` maps ``v → u``.
@@ -169,14 +174,63 @@ def candidate_geometry(
     _check_homographies(homographies, B, V)
     _check_neighbour_mask(neighbour_mask, V)
     device = homographies.device
-    N, R, r = height * width, window, window // 2
+    views = torch.arange(V, device=device)
     others = other_views(V, device=device)  # (V, V-1)
+    is_neighbour = neighbour_mask.to(device)[views[:, None], others]
+    return _geometry(homographies, views, others, is_neighbour, window, height, width)
+
+
+def _views_of(x: Tensor, views: Tensor) -> Tensor:
+    """``x[:, views]``, as a slice (no copy, a cheap backward) when ``views`` are consecutive."""
+    first, count = int(views[0]), views.numel()
+    if int(views[-1]) - first + 1 == count:
+        return x[:, first : first + count]
+    return x[:, views]
+
+
+def neighbour_groups(neighbour_mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The views grouped by their number of neighbours: ``[(views (G,), partners (G, k))]``.
+
+    ``partners[i]`` lists the neighbours of ``views[i]`` in ascending order. Within a group
+    every view has the same ``K = 1 + k R²`` candidates, so a group is one gather and a few
+    batched matmuls; non-neighbour pairs are never computed (with ``top_and_ring`` on 5 views,
+    the top view has 4 neighbours and the ring views 3: 149 instead of 185 candidates per
+    position). Groups are ordered by their first view, views ascending inside a group.
+    """
+    mask = neighbour_mask.clone()
+    mask.fill_diagonal_(False)
+    counts = mask.sum(1)
+    groups = []
+    for k in set(counts.tolist()):
+        views = (counts == k).nonzero().flatten()
+        partners = torch.stack([mask[v].nonzero().flatten() for v in views.tolist()])
+        groups.append((views, partners.view(views.numel(), k)))
+    # By first view: when every group is a run of consecutive views (top_and_ring: [0],
+    # [1..4]), the groups' outputs concatenate in view order and need no reordering.
+    return sorted(groups, key=lambda group: int(group[0][0]))
+
+
+def _geometry(
+    homographies: Tensor,
+    views: Tensor,
+    partners: Tensor,
+    partner_valid: Tensor,
+    window: int,
+    height: int,
+    width: int,
+) -> CandidateGeometry:
+    """Candidates of ``views`` (G,) from their ``partners`` (G, k) (``partner_valid``: the pairs
+    that may contribute); layout as ``CandidateGeometry`` with ``k`` in place of ``V - 1``."""
+    B = homographies.shape[0]
+    G, k = partners.shape
+    device = homographies.device
+    N, R, r = height * width, window, window // 2
     with torch.autocast(device_type=device.type, enabled=False):
         # float32 at least: bf16 resolves only 0.25-0.5 pixel at coordinates around 64.
         dtype = torch.float64 if homographies.dtype == torch.float64 else torch.float32
-        H = homographies.to(dtype)[:, torch.arange(V, device=device)[:, None], others]
+        H = homographies.to(dtype)[:, views[:, None], partners]  # (B, G, k, 3, 3)
         centres = pixel_centre_grid(width, height, dtype=dtype, device=device)  # (N, 2)
-        projected, w_hom = project_points(H, centres)  # (B,V,V-1,N,2), (B,V,V-1,N)
+        projected, w_hom = project_points(H, centres)  # (B,G,k,N,2), (B,G,k,N)
         projected = torch.nan_to_num(projected, nan=-1e6, posinf=1e6, neginf=-1e6)
         # Clamp before the integer conversion (float→int of huge values is undefined); a
         # clamped point is still so far outside that every candidate around it is outside.
@@ -189,36 +243,35 @@ def candidate_geometry(
             indexing="ij",
         )
         grid = torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=-1)  # (R², 2), row-major
-        q = base[..., None, :] + grid  # (B, V, V-1, N, R², 2)
+        q = base[..., None, :] + grid  # (B, G, k, N, R², 2)
         qx, qy = q[..., 0], q[..., 1]
         inside = (qx >= 0) & (qx < width) & (qy >= 0) & (qy < height)
         in_front = (w_hom > 0)[..., None]
-        is_neighbour = neighbour_mask.to(device)[torch.arange(V, device=device)[:, None], others]
-        valid = inside & in_front & is_neighbour[None, :, :, None, None]
-        offsets = (q.to(dtype) + 0.5) - projected[..., None, :]  # (B, V, V-1, N, R², 2)
+        valid = inside & in_front & partner_valid.to(device)[None, :, :, None, None]
+        offsets = (q.to(dtype) + 0.5) - projected[..., None, :]  # (B, G, k, N, R², 2)
         flat_q = qy.clamp(0, height - 1) * width + qx.clamp(0, width - 1)
-        source = others[None, :, :, None, None] * N + flat_q
+        source = partners[None, :, :, None, None] * N + flat_q
 
-        # (B, V, V-1, N, R², ...) -> (B, V, N, (V-1)·R², ...), then prepend the self candidate.
+        # (B, G, k, N, R², ...) -> (B, G, N, k·R², ...), then prepend the self candidate.
         def to_position_major(t: Tensor) -> Tensor:
             t = t.movedim(3, 2)
-            return t.reshape(*t.shape[:3], (V - 1) * R * R, *t.shape[5:])
+            return t.reshape(*t.shape[:3], k * R * R, *t.shape[5:])
 
         n = torch.arange(N, device=device)
-        self_source = (torch.arange(V, device=device)[:, None] * N + n).expand(B, V, N)
+        self_source = (views[:, None] * N + n).expand(B, G, N)
         source = torch.cat([self_source[..., None], to_position_major(source)], dim=-1)
         valid = torch.cat(
-            [torch.ones(B, V, N, 1, dtype=torch.bool, device=device), to_position_major(valid)],
+            [torch.ones(B, G, N, 1, dtype=torch.bool, device=device), to_position_major(valid)],
             dim=-1,
         )
-        self_offsets = torch.zeros(B, V, N, 1, 2, dtype=dtype, device=device)
+        self_offsets = torch.zeros(B, G, N, 1, 2, dtype=dtype, device=device)
         offsets = torch.cat([self_offsets, to_position_major(offsets)], dim=-2)
     return CandidateGeometry(
         source=source,
         valid=valid,
         offsets=offsets,
         projected=projected,
-        other_views=others,
+        other_views=partners,
         height=height,
         width=width,
     )
@@ -373,22 +426,60 @@ class MVAM(nn.Module):
         key = (B, V, h, w, self.window, self.num_frequencies)
         layout = layout_cache.get(key) if layout_cache is not None else None
         if layout is None:
-            geometry = candidate_geometry(homographies, mask, self.window, h, w)
-            gamma = frequency_embedding(geometry.offsets, self.window, self.num_frequencies)
-            layout = (geometry, gamma.view(B * V * h * w, geometry.source.shape[-1], -1))
+            layout = self._layout(homographies, mask, h, w)
             if layout_cache is not None:
                 layout_cache[key] = layout
-        geometry, gamma = layout
-        D, heads, dh = self.attention_dim, self.num_heads, self.head_dim
-        M, K = B * V * h * w, geometry.source.shape[-1]
+        groups, order = layout
+        D = self.attention_dim
 
         # Step 4: project every position once, then gather D-wide rows (never C-wide ones).
         flat_x = x.reshape(B * V, C, h, w)
         weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0)
         qkv = F.conv2d(flat_x, weight).view(B, V, 3 * D, h, w)
-        q = qkv[:, :, :D].permute(0, 1, 3, 4, 2).reshape(M, heads, dh)
-        keys = gather_rows(qkv[:, :, D : 2 * D], geometry.source).view(M, K, D)
-        vals = gather_rows(qkv[:, :, 2 * D :], geometry.source).view(M, K, D)
+        keys_all, vals_all = qkv[:, :, D : 2 * D], qkv[:, :, 2 * D :]
+        mixed = [
+            self._attend(_views_of(qkv, views)[:, :, :D], keys_all, vals_all, geometry, gamma)
+            for views, geometry, gamma in groups
+        ]
+        # (B, V, h·w, D) in view order: the groups' views concatenated, then put back in place.
+        mixed = torch.cat(mixed, dim=1) if len(mixed) > 1 else mixed[0]
+        if order is not None:
+            mixed = mixed[:, order]
+        mixed = mixed.reshape(B * V, h, w, D).permute(0, 3, 1, 2)
+        return x + self.to_out(mixed).view(B, V, C, h, w)
+
+    def _layout(self, homographies: Tensor, mask: Tensor, h: int, w: int):
+        """Per neighbour group: its views, candidate geometry and ``γ(Δp)``; plus the order that
+        puts the groups' concatenated outputs back in view order (None: already in order)."""
+        groups = []
+        for views, partners in neighbour_groups(mask.cpu()):
+            views, partners = views.to(mask.device), partners.to(mask.device)
+            every = torch.ones(partners.shape, dtype=torch.bool, device=mask.device)
+            geometry = _geometry(homographies, views, partners, every, self.window, h, w)
+            gamma = frequency_embedding(geometry.offsets, self.window, self.num_frequencies)
+            K = geometry.source.shape[-1]
+            groups.append((views, geometry, gamma.view(-1, K, gamma.shape[-1])))
+        concatenated = torch.cat([views for views, _, _ in groups])
+        V = mask.shape[0]
+        if torch.equal(concatenated, torch.arange(V, device=mask.device)):
+            return groups, None
+        return groups, torch.argsort(concatenated)
+
+    def _attend(
+        self, q: Tensor, keys_all: Tensor, vals_all: Tensor, geometry: CandidateGeometry, gamma
+    ) -> Tensor:
+        """Steps 4-5 for one neighbour group: ``(B, G, h·w, D)`` attention output of its views.
+
+        ``q`` ``(B, G, D, h, w)`` are the group's queries, ``keys_all``/``vals_all``
+        ``(B, V, D, h, w)`` every view's projected keys and values.
+        """
+        B, G = q.shape[:2]
+        D, heads, dh = self.attention_dim, self.num_heads, self.head_dim
+        N, K = geometry.source.shape[2], geometry.source.shape[-1]
+        M = B * G * N
+        q = q.permute(0, 1, 3, 4, 2).reshape(M, heads, dh)
+        keys = gather_rows(keys_all, geometry.source).view(M, K, D)
+        vals = gather_rows(vals_all, geometry.source).view(M, K, D)
         gamma = gamma.to(q.dtype)  # (M, K, 4L)
         p_k = self.pos_k.weight.view(heads, dh, -1)  # (heads, dh, 4L)
         p_v = self.pos_v.weight.view(heads, dh, -1)
@@ -411,6 +502,4 @@ class MVAM(nn.Module):
         mixed = torch.diagonal(mixed, dim1=1, dim2=2).transpose(1, 2)  # (M, heads, dh)
         mixed_gamma = torch.bmm(attn_t, gamma)  # (M, heads, 4L)
         mixed = mixed + torch.einsum("mhf,hdf->mhd", mixed_gamma, p_v.to(mixed_gamma.dtype))
-
-        mixed = mixed.reshape(B * V, h, w, D).permute(0, 3, 1, 2)
-        return x + self.to_out(mixed).view(B, V, C, h, w)
+        return mixed.reshape(B, G, N, D)

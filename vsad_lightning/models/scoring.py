@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
-from vsad_lightning.models.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend
-from vsad_lightning.models.memory_bank import MemoryBank, flatten_features, unflatten_features
+from vsad_lightning.bank.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend
+from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def score_features(
         features: level -> ``(B, V, C_l, h_l, w_l)`` test features.
         image_size: ``(W, H)`` of the images.
         weights, sigma: see ``anomaly_maps``.
-        backend, max_chunk_bytes: see ``vsad_lightning.models.knn.nearest_distance``.
+        backend, max_chunk_bytes: see ``vsad_lightning.bank.knn.nearest_distance``.
         positional_radius: see ``level_distance_maps``.
     """
     distances = level_distance_maps(

@@ -23,13 +23,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from vsad_lightning.bank.storage import MemoryBank
 from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
 from vsad_lightning.data.batch import MultiViewBatch
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.models.calibration import Calibration, CalibrationMode, ThresholdRule
 from vsad_lightning.models.features import FeatureExtractor, FeatureNorm
-from vsad_lightning.models.memory_bank import MemoryBank
 from vsad_lightning.models.model import (
     ARCHITECTURE_FIELDS,
     SCORING_FIELDS,
@@ -133,8 +133,8 @@ class VSADModule(L.LightningModule):
             mode as the other levels. Measured in ``benchmarks/results/accuracy.md``.
         sigma: Gaussian smoothing of the anomaly maps, in image pixels.
         knn_backend: ``auto`` (the exact projected search on large CPU banks with a steep
-            spectrum, else ``torch``), ``torch``, ``faiss``, ``pruned`` or ``projected``; all
-            exact, the same distances (``vsad_lightning.models.knn``).
+            spectrum, else ``torch``), ``torch``, ``faiss`` or ``projected``; all
+            exact, the same distances (``vsad_lightning.bank.knn``).
         feature_norm: ``none | instance | l2``, applied to bank and test features alike
             (``vsad_lightning.models.features.normalise_features``).
         bank_mode: ``global`` (the paper: every query against the whole bank of its level) or
@@ -206,7 +206,7 @@ class VSADModule(L.LightningModule):
         level_weights: Sequence[float] | None = None,
         latent_weight: float = 0.0,
         sigma: float = 4.0,
-        knn_backend: Literal["auto", "torch", "faiss", "pruned", "projected"] = "auto",
+        knn_backend: Literal["auto", "torch", "faiss", "projected"] = "auto",
         feature_norm: FeatureNorm = "none",
         bank_mode: Literal["global", "positional"] = "global",
         positional_radius: int = 2,

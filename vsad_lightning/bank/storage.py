@@ -1,7 +1,8 @@
-"""The memory bank of normal features, its feature layout, and greedy k-center coresets.
+"""The memory bank of normal features (storage) and its feature layout.
 
 docs/method.md#memory-bank: one bank ``M^(l)`` per decoder level, holding the features
-of all training views (the paper's choice) or a greedy k-center coreset (ratio rho) of them.
+of all training views (the paper's choice) or a greedy k-center coreset (ratio rho) of them
+(``vsad_lightning.bank.coreset``).
 The banks are module buffers, so they travel in Lightning checkpoints; a checkpoint's banks can
 be loaded into a fresh, empty ``MemoryBank`` (see ``MemoryBank._load_from_state_dict``).
 
@@ -17,7 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vsad_lightning.models.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend, nearest_distance
+from vsad_lightning.bank.knn import DEFAULT_MAX_CHUNK_BYTES, KnnBackend, nearest_distance
+from vsad_lightning.bank.positional import positional_search
 
 _BANK_PREFIX = "bank_"
 _GRID_PREFIX = "grid_"
@@ -50,79 +52,6 @@ def unflatten_features(rows: Tensor, grid: tuple[int, int, int, int]) -> Tensor:
     if rows.dim() == 1:
         return rows.reshape(batch, views, height, width)
     return rows.reshape(batch, views, height, width, rows.shape[1]).permute(0, 1, 4, 2, 3)
-
-
-@torch.no_grad()
-def greedy_coreset(
-    features: Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0
-) -> Tensor:
-    """Indices of a greedy k-center (farthest point) coreset of ``features``.
-
-    docs/method.md#memory-bank: the coreset option for large banks. Starting from one
-    seeded random row, each step adds the row farthest from everything selected so far, which
-    gives a covering radius at most twice the optimal one for that many centres (Gonzalez).
-
-    Distances are computed on a Gaussian random projection to ``projection_dim`` dimensions
-    (Johnson-Lindenstrauss: pairwise distances are kept within a small factor), fixed by
-    ``seed``; when ``projection_dim >= D`` the features are used as they are (exact distances).
-
-    Complexity: ``O(N D k)`` for the projection and ``O(M N k)`` for the selection, with
-    ``k = min(projection_dim, D)`` and ``M = max(1, round(ratio * N))`` rows selected, i.e.
-    ``O(ratio N^2 k)``: each step is one matrix-vector product over the projected rows plus an
-    elementwise minimum. Extra memory ``O(N k)``.
-
-    Args:
-        features: ``(N, D)`` rows.
-        ratio: fraction of rows to keep, in ``(0, 1]``; 1.0 returns ``arange(N)``.
-        projection_dim: width of the random projection.
-        seed: seed of the projection and of the first row.
-
-    Returns:
-        ``(M,)`` int64 unique row indices in selection order, on ``features.device``.
-    """
-    if features.dim() != 2 or features.shape[0] == 0:
-        raise ValueError(f"expected features (N, D) with N >= 1, got {tuple(features.shape)}")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
-    if projection_dim < 1:
-        raise ValueError(f"projection_dim must be >= 1, got {projection_dim}")
-    num_rows, dim = features.shape
-    device = features.device
-    if ratio == 1.0:
-        return torch.arange(num_rows, device=device)
-    num_keep = min(num_rows, max(1, round(ratio * num_rows)))
-
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    if projection_dim < dim:
-        projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(
-            projection_dim
-        )
-        points = features.float() @ projection.to(device)
-    else:
-        points = features.float()
-    # Centre (distances do not change) so the norm expansion below cancels small numbers.
-    points = points - points.mean(0)
-    sq_norms = points.square().sum(1)
-
-    selected = torch.empty(num_keep, dtype=torch.long, device=device)
-    # 0-d tensors, not Python ints, so a GPU loop never waits for the device.
-    newest = torch.randint(num_rows, (), generator=generator).to(device)
-    selected[0] = newest
-    # min_sq[i] = squared distance of row i to the nearest selected row; selected rows are set
-    # to -inf so that argmax never picks them again, even when every remaining row is a
-    # duplicate of a selected one (distance 0, or slightly negative after rounding: only the
-    # argmax is used, so no clamp is needed).
-    min_sq = torch.full((num_rows,), math.inf, device=device)
-    sq = torch.empty(num_rows, device=device)
-    for step in range(1, num_keep):
-        centre = points[newest]
-        # |x|^2 - 2 x.c + |c|^2: one matrix-vector product and one add per step.
-        torch.addmv(sq_norms, points, centre, alpha=-2.0, out=sq).add_(sq_norms[newest])
-        torch.minimum(min_sq, sq, out=min_sq)
-        min_sq[newest] = -math.inf
-        newest = torch.argmax(min_sq)
-        selected[step] = newest
-    return selected
 
 
 class MemoryBank(nn.Module):
@@ -211,8 +140,10 @@ class MemoryBank(nn.Module):
                 f"bank level {level}: {features.shape[0]} rows are not whole feature maps of "
                 f"grid (V, h, w) = {tuple(grid)}"
             )
-        if not torch.isfinite(features).all():
-            raise ValueError(f"bank level {level}: features contain NaN or inf")
+        # In pieces: a full-size mask would be a second bank's worth of bytes at scale.
+        for start in range(0, features.shape[0], 1 << 16):
+            if not torch.isfinite(features[start : start + (1 << 16)]).all():
+                raise ValueError(f"bank level {level}: features contain NaN or inf")
         dtype = self.storage_dtype or torch.float32
         rows = features.detach().to(device=self._device_anchor.device, dtype=dtype)
         self.register_buffer(self.buffer_name(level), rows.contiguous())
@@ -271,74 +202,11 @@ class MemoryBank(nn.Module):
                 f"bank level {level} holds maps (V, C, h, w) = {(views, channels, height, width)};"
                 f" got queries of shape {tuple(features.shape)}"
             )
-        positions = views * height * width
-        count = rows.shape[0] // positions
-        bank = rows.float().view(count, positions, channels)  # (n, P, C), P = V h w
-        queries = features.to(rows.device, torch.float32).permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
-        batch, device, r = queries.shape[0], queries.device, radius
-        excluded = self._excluded(level, exclude, batch, count, device)
-        offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
-        shifts = torch.tensor(offsets, device=device)  # (S, 2)
-        num_shifts = len(offsets)
-        # Why the queries move, not the bank: with B = 1 each bank row meets at most S queries,
-        # so the search is bound by reading the bank; one batched GEMM per chunk of positions
-        # reads it once, in place, instead of once per shift. Bank position (v, y, x) meets, in
-        # shift (dy, dx), the query at (y - dy, x - dx): an index into the zero-padded queries
-        # (padding rows only ever meet out-of-map positions, which step 2 never reads).
-        padded_h, padded_w = height + 2 * r, width + 2 * r
-        padded = torch.nn.functional.pad(queries, (0, 0, r, r, r, r))
-        padded = padded.reshape(batch, views * padded_h * padded_w, channels)
-        v_idx = torch.arange(views, device=device).view(-1, 1, 1)
-        y_idx = torch.arange(height, device=device).view(1, -1, 1)
-        x_idx = torch.arange(width, device=device).view(1, 1, -1)
-        row_of = (v_idx * padded_h + y_idx + r).expand(views, height, width).reshape(-1, 1)
-        col_of = (x_idx + r).expand(views, height, width).reshape(-1, 1)
-        source = (row_of - shifts[:, 0]) * padded_w + (col_of - shifts[:, 1])  # (P, S)
-        bank_sq = bank.square().sum(-1).T  # (P, n)
-
-        # 1. Per bank position and shift: the nearest of the n training rows (expanded form).
-        per_position = 4 * num_shifts * batch * (count + channels)  # scores + gathered queries
-        step = max(1, min(positions, max_chunk_bytes // max(1, per_position)))
-        values = torch.empty(positions, num_shifts, batch, device=device)
-        indices = torch.empty(positions, num_shifts, batch, dtype=torch.long, device=device)
-        for p0 in range(0, positions, step):
-            p1 = min(positions, p0 + step)
-            q = padded[:, source[p0:p1]].permute(1, 2, 0, 3)  # (p, S, B, C)
-            q = q.reshape(p1 - p0, num_shifts * batch, channels)
-            b = bank[:, p0:p1].permute(1, 2, 0)  # (p, C, n): a strided view, no copy
-            scores = torch.baddbmm(bank_sq[p0:p1, None, :], q, b, alpha=-2.0)
-            if excluded is not None:
-                query_of, sample_of = excluded
-                scores.view(p1 - p0, num_shifts, batch, count)[:, :, query_of, sample_of] = math.inf
-            value, index = scores.min(dim=-1)
-            values[p0:p1] = value.view(p1 - p0, num_shifts, batch)
-            indices[p0:p1] = index.view(p1 - p0, num_shifts, batch)
-
-        # 2. Back to query positions: query (y, x) met bank position (y + dy, x + dx) in shift
-        # (dy, dx); positions off the map read the +inf padding. Shifts in order, strict <.
-        values = values.view(views, height, width, num_shifts, batch).permute(3, 4, 0, 1, 2)
-        indices = indices.view(views, height, width, num_shifts, batch).permute(3, 4, 0, 1, 2)
-        values = torch.nn.functional.pad(values, (r, r, r, r), value=math.inf)
-        indices = torch.nn.functional.pad(indices, (r, r, r, r))
-        best = queries.new_full((batch, views, height, width), math.inf)
-        best_row = torch.zeros(best.shape, dtype=torch.long, device=device)
-        best_dy = torch.zeros_like(best_row)
-        best_dx = torch.zeros_like(best_row)
-        for s, (dy, dx) in enumerate(offsets):
-            window = (s, slice(None), slice(None), slice(r + dy, r + dy + height))
-            window += (slice(r + dx, r + dx + width),)
-            better = values[window] < best
-            best = torch.where(better, values[window], best)
-            best_row = torch.where(better, indices[window], best_row)
-            best_dy.masked_fill_(better, dy)
-            best_dx.masked_fill_(better, dx)
-        # Exact distance to each winner (the expanded form loses precision when a ~ b).
-        maps = bank.view(count, views, height, width, channels)
-        v_pos = v_idx.view(1, views, 1, 1).expand_as(best_row)
-        y_pos = y_idx.view(1, 1, height, 1) + best_dy
-        x_pos = x_idx.view(1, 1, 1, width) + best_dx
-        winners = maps[best_row, v_pos, y_pos, x_pos]  # (B, V, h, w, C)
-        return (queries - winners).norm(dim=-1)
+        count = rows.shape[0] // (views * height * width)
+        excluded = self._excluded(level, exclude, features.shape[0], count, rows.device)
+        return positional_search(
+            rows, grid, features, radius, max_chunk_bytes=max_chunk_bytes, excluded=excluded
+        )
 
     @staticmethod
     def _excluded(

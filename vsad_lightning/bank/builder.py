@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from vsad_lightning.models.memory_bank import greedy_coreset
+from vsad_lightning.bank.coreset import greedy_coreset
 
 AllGather = Callable[[Tensor], Tensor]
 """``t -> (world_size, *t.shape)``: every rank's ``t`` in rank order (``all_gather``)."""
@@ -69,6 +69,13 @@ class StreamingBankBuilder:
         spill_dir: directory of the temporary spill files (``None``: ``tempfile``'s default).
             Needs ``4 N D`` bytes of disk per level for the rows this process extracts.
         piece_rows: rows per read from the spill file and per all-gather step.
+        dtype: the dtype the banks are assembled in (``torch.float16`` halves the peak: the
+            float32 rows are converted piece by piece and never exist whole in float32).
+        memory_limit_bytes: the RAM the banks may take; ``None``: the ``MemAvailable`` of
+            ``/proc/meminfo`` when ``build`` starts (no check where it cannot be read).
+            ``build`` raises one clear ``MemoryError`` before allocating anything when the
+            banks of all levels (plus a coreset's selection) would not fit, instead of an
+            out-of-memory kill halfway (``required_bytes``).
     """
 
     def __init__(
@@ -78,6 +85,8 @@ class StreamingBankBuilder:
         seed: int = 0,
         spill_dir: str | None = None,
         piece_rows: int = 65_536,
+        dtype: torch.dtype = torch.float32,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -88,6 +97,10 @@ class StreamingBankBuilder:
         self.seed = seed
         self.spill_dir = spill_dir
         self.piece_rows = piece_rows
+        if not dtype.is_floating_point:
+            raise ValueError(f"the bank dtype must be a floating point type, got {dtype}")
+        self.dtype = dtype
+        self.memory_limit_bytes = memory_limit_bytes
         self._levels: dict[int, _LevelSpill] = {}
         self._projections: dict[int, Tensor | None] = {}
         self.total_rows: dict[int, int] = {}
@@ -170,6 +183,7 @@ class StreamingBankBuilder:
         if not self._levels:
             raise RuntimeError("no feature rows were added to the bank builder")
         try:
+            self._check_memory(all_gather, rank)
             for level in self.levels:
                 yield level, self._build_level(level, self._levels[level], all_gather, rank)
                 if not self.keep_spill:
@@ -177,6 +191,45 @@ class StreamingBankBuilder:
         finally:
             if not self.keep_spill:
                 self.close()
+
+    def required_bytes(self, total_rows: dict[int, int]) -> int:
+        """RAM the banks of every level take once built, from their row counts over all ranks:
+        the kept rows in ``dtype``, plus the largest level's coreset selection (its projected
+        rows, their centred copy and the running distances: ``~3 N k`` float32)."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        kept = sum(
+            max(1, round(self.coreset_ratio * rows)) * self._levels[level].dim
+            for level, rows in total_rows.items()
+        )
+        selection = 0
+        if self.coreset_ratio < 1.0:
+            selection = max(
+                3 * rows * min(self.projection_dim, self._levels[level].dim) * 4
+                for level, rows in total_rows.items()
+            )
+        return kept * itemsize + selection
+
+    def _check_memory(self, all_gather: AllGather | None, rank: int) -> None:
+        total_rows = {
+            level: _Layout.of(spill, all_gather, rank).total
+            for level, spill in self._levels.items()
+        }
+        needed = self.required_bytes(total_rows)
+        limit = self.memory_limit_bytes
+        if limit is None:
+            limit = available_memory_bytes()
+        if limit is not None and needed > limit:
+            shapes = ", ".join(
+                f"level {level}: {rows:,} x {self._levels[level].dim}"
+                for level, rows in total_rows.items()
+            )
+            raise MemoryError(
+                f"the memory bank ({shapes} rows, coreset_ratio {self.coreset_ratio}, "
+                f"{str(self.dtype).removeprefix('torch.')}) needs {needed / 1e9:.1f} GB but "
+                f"{limit / 1e9:.1f} GB of memory are available; store it in float16, lower "
+                "bank.coreset_ratio, score fewer model.feature_levels, or use fewer training "
+                "samples or a machine with more memory"
+            )
 
     def local_samples(self, level: int, samples: Tensor) -> Tensor:
         """``(len(samples) * r, D)`` rows of this process's local samples ``samples`` (indices
@@ -211,7 +264,9 @@ class StreamingBankBuilder:
         self.total_rows[level] = layout.total
         stored = _SpillReader(spill.path, spill.dim)
         if self.coreset_ratio == 1.0:
-            return layout.assemble(stored.read_into, spill.dim, self.piece_rows, all_gather)
+            return layout.assemble(
+                stored.read_into, spill.dim, self.piece_rows, all_gather, dtype=self.dtype
+            )
         projected = torch.cat(spill.projected)
         spill.projected.clear()
 
@@ -226,7 +281,7 @@ class StreamingBankBuilder:
         )
         del points
         self.kept[level] = keep
-        return layout.select(stored, keep, spill.dim, self.piece_rows, all_gather)
+        return layout.select(stored, keep, spill.dim, self.piece_rows, all_gather).to(self.dtype)
 
 
 @dataclass
@@ -264,16 +319,22 @@ class _Layout:
         dim: int,
         piece_rows: int,
         all_gather: AllGather | None,
+        dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """All rows of every rank, in global order, read ``piece_rows`` at a time."""
+        """All rows of every rank, in global order, read ``piece_rows`` at a time, as ``dtype``."""
         if all_gather is None:
-            out = torch.empty(self.total, dim)
+            out = torch.empty(self.total, dim, dtype=dtype)
+            piece = None if dtype == torch.float32 else torch.empty(piece_rows, dim)
             for start in range(0, self.total, piece_rows):
                 stop = min(start + piece_rows, self.total)
-                read(start, stop, out[start:stop])  # straight into the bank: no extra copy
+                if piece is None:
+                    read(start, stop, out[start:stop])  # straight into the bank: no extra copy
+                else:
+                    read(start, stop, piece[: stop - start])
+                    out[start:stop] = piece[: stop - start]
             return out
         rank = self.rank
-        out = torch.empty(self.total, dim)
+        out = torch.empty(self.total, dim, dtype=dtype)
         for start in range(0, max(self.rank_rows), piece_rows):
             stop = start + piece_rows
             piece = torch.zeros(piece_rows, dim)
@@ -312,6 +373,18 @@ class _Layout:
             # Each row is non-zero on exactly one rank: the sum over ranks is that row, exactly.
             out[start:stop] = all_gather(piece).reshape(self.world, stop - start, dim).sum(0)
         return out
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class _SpillReader:
