@@ -361,7 +361,7 @@ def test_the_module_inverts_with_its_schedulers_prediction_type(synthetic_root_c
     module = VSADModule(image_size=64, attention_dim=16, num_heads=2, inversion_steps=2).eval()
     epsilon = module.extract_features(batch)
     config = dict(module.noise_scheduler.config, prediction_type="v_prediction")
-    module.noise_scheduler = DDPMScheduler.from_config(config)
+    module.model.noise_scheduler = DDPMScheduler.from_config(config)  # the model's schedule
     velocity = module.extract_features(batch)
     by_hand = module.feature_extractor(
         module.unet, module.encode(batch.images), module._conditioning(batch.batch_size),

@@ -215,15 +215,24 @@ def test_preempted_job_resumes_and_finishes_like_an_uninterrupted_one(cluster, d
     resumed = [line for line in log.splitlines() if line.startswith("resuming from ")]
     assert "Handling auto-requeue signal" in log, log[-3000:]
     # SIGUSR1 came after step 4 (epoch 0's checkpoint): Lightning wrote hpc_ckpt_1 and
-    # requeued; the requeue's SIGTERM then stopped the task at its next batch end, saving
-    # last.ckpt there (callbacks/preemption.py), one step or more after the hpc checkpoint.
-    # The task resumed from that newest checkpoint.
+    # requeued, and the requeue sent SIGTERM. Where that lands is up to the scheduler:
     (stopped,) = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
-    step = int(stopped.split("at step ")[1].split(":")[0])
-    assert 4 < step < 8 and stopped.endswith("run the same command again to resume from there")
-    saved = stopped.split("saved ")[1].split(";")[0]
-    assert saved.endswith("/version_0/checkpoints/last.ckpt"), stopped
-    assert len(resumed) == 1 and resumed[0] == f"resuming from {saved}", log[-3000:]
+    assert len(resumed) == 1, log[-3000:]
+    if "at step " in stopped:
+        # inside a training batch: the task stopped at its end, saving last.ckpt there
+        # (callbacks/preemption.py), one step or more after the hpc checkpoint, and resumed
+        # from that newest checkpoint;
+        step = int(stopped.split("at step ")[1].split(":")[0])
+        assert 4 < step < 8 and stopped.endswith("run the same command again to resume from there")
+        saved = stopped.split("saved ")[1].split(";")[0]
+        assert saved.endswith("/version_0/checkpoints/last.ckpt"), stopped
+        assert resumed[0] == f"resuming from {saved}", log[-3000:]
+    else:
+        # still at epoch 0's end, where Lightning stops the task itself (no batch to finish):
+        # epoch 0's last.ckpt and hpc_ckpt_1 hold the same step, the newest there is, and the
+        # task resumed from one of them (the run's own on a tie).
+        assert stopped.endswith("to resume from the newest checkpoint"), stopped
+        assert resumed[0].endswith(("/version_0/checkpoints/last.ckpt", "hpc_ckpt_1.ckpt")), resumed
     # The consumed preemption checkpoint is gone once the run finished.
     assert not list((tmp_path / "preempted" / "brick").glob("hpc_ckpt_*.ckpt"))
 

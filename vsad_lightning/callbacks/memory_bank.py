@@ -97,6 +97,7 @@ class MemoryBankCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         """Drive ``VSADModel.fit_memory_bank`` over this rank's shard of the training normals,
         then write ``final.ckpt``."""
+        rank_zero_info("memory bank: extracting the training normals' features")
         loader = _shard(
             trainer.datamodule.train_feature_dataloader(), trainer.global_rank, trainer.world_size
         )
