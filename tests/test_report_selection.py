@@ -83,7 +83,7 @@ def test_report_keeps_the_newest_run_per_category_and_averages_categories(
     csv_lines = (out / "report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("category,")
     assert [line.split(",")[0] for line in csv_lines[-2:]] == ["mean", "mean_over"]
-    assert len(csv_lines) == 1 + 3 + 1
+    assert len(csv_lines) == 1 + 3 + 2  # header, 3 categories, mean and mean_over
 
 
 def test_report_of_a_folder_without_runs_is_one_error_line(console_script, tmp_path):

@@ -70,7 +70,7 @@ def test_another_runs_hpc_checkpoint_is_ignored(tmp_path):
     assert find_resume_checkpoint(tmp_path, NAME) is None
 
 
-def test_finished_or_checkpointless_runs_are_not_resumed(tmp_path):
+def test_finished_or_checkpointless_runs_are_not_resumed_and_tested_ones_only_tested(tmp_path):
     assert find_resume_checkpoint(tmp_path, NAME) is None  # no runs at all
     folder = version(tmp_path, 0)
     assert find_resume_checkpoint(tmp_path, NAME) is None  # no checkpoint yet
@@ -79,7 +79,12 @@ def test_finished_or_checkpointless_runs_are_not_resumed(tmp_path):
     (folder / "metrics.json").write_text("{}")  # finished: never resumed
     assert find_resume_checkpoint(tmp_path, NAME) is None
     (folder / "metrics.json").unlink()
-    checkpoint(folder / "checkpoints" / "final.ckpt", 7, folder / "checkpoints")
+    # Bank built, test cut short (final.ckpt, no metrics.json): resumed to test final.ckpt,
+    # whatever the step of the other checkpoints.
+    final = checkpoint(folder / "checkpoints" / "final.ckpt", 7, folder / "checkpoints")
+    checkpoint(folder / "checkpoints" / "last.ckpt", 9, folder / "checkpoints")
+    assert find_resume_checkpoint(tmp_path, NAME) == (0, final)
+    (folder / "metrics.json").write_text("{}")
     assert find_resume_checkpoint(tmp_path, NAME) is None
 
 

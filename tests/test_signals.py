@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 ENV.pop("VSAD_DEBUG", None)
 BANK_STARTS = "memory bank: extracting"
+TEST_STARTS = "[progress] test: started"
 
 
 def test_a_signal_only_raises_the_flag_inside_the_block_and_is_forgotten_after_it():
@@ -114,9 +115,23 @@ def test_sigint_in_training_and_sigterm_in_the_bank_build_stop_and_resume(
     assert not (checkpoints / "final.ckpt").exists()
     assert not (checkpoints.parent / "metrics.json").exists()
 
-    # 3. Once more: training is done, so only the bank and the test run, in the same folder.
+    # 3. Once more: training is done, so only the bank and the test run, in the same folder;
+    # SIGTERM during the test stops it with nothing of the test written.
+    final = checkpoints / "final.ckpt"
+    status, lines = _interrupt(
+        cmd, signal.SIGTERM, lambda lines: any(TEST_STARTS in line for line in lines)
+    )
+    assert status == 143, lines[-20:]
+    assert any(line.startswith(f"resuming from {last}") for line in lines), lines[:40]
+    assert lines[-1].startswith(f"stopped: SIGTERM during the test: nothing of it was written; "
+                                f"the model is in {final}"), lines[-20:]  # fmt: skip
+    assert _checkpoint_info(final)[0] == 8
+    assert not (checkpoints.parent / "metrics.json").exists()
+
+    # 4. The same command only tests final.ckpt, in the same folder.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resuming from {last}" in again.stdout
+    assert f"resuming from {final}" in again.stdout
+    assert BANK_STARTS not in again.stdout + again.stderr  # the bank is not built again
     assert again.stdout.strip().splitlines()[-1] == f"metrics: {checkpoints.parent}/metrics.json"
-    assert _checkpoint_info(checkpoints / "final.ckpt")[0] == 8
+    assert _checkpoint_info(final)[0] == 8

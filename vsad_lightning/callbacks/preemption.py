@@ -201,7 +201,8 @@ class StopAtSafePoint(L.Callback):
         raise RunInterrupted(
             signum,
             f"{_signal_name(signum)} during {what}: nothing of it was written; the model is in "
-            f"{ckpt}, run the {what} again with the same options and --ckpt_path {ckpt}",
+            f"{ckpt}; run {what} again with the same options and --ckpt_path {ckpt} (vsad-fit: "
+            "the same command tests it)",
         )
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):

@@ -17,7 +17,9 @@ over. If the newest ``version_N`` is unfinished (no ``metrics.json``, no ``final
 checkpoint of it exists, the run reuses ``version_N`` and fits from the checkpoint with the
 highest ``global_step`` among ``version_N/checkpoints/*.ckpt`` and Lightning's SLURM
 ``<default_root_dir>/hpc_ckpt_*.ckpt`` that belong to it (their ``ModelCheckpoint`` state
-names ``version_N/checkpoints``). Otherwise a new ``version_N+1`` starts. An explicit
+names ``version_N/checkpoints``). If it holds ``final.ckpt`` but no ``metrics.json`` (stopped
+during its test), the run reuses ``version_N`` and only tests ``final.ckpt``. Otherwise (a
+``metrics.json``, or nothing to resume from) a new ``version_N+1`` starts. An explicit
 ``--ckpt_path`` always wins (and starts a new version); ``--resume never`` forces a fresh run.
 ``last.ckpt`` is refreshed every ``--checkpoint_every_n_steps`` optimiser steps and at each
 epoch end, so a crash costs at most that many steps.
@@ -37,7 +39,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vsad_lightning.callbacks.memory_bank import MemoryBankCallback
+from vsad_lightning.callbacks.memory_bank import FINAL_CHECKPOINT, MemoryBankCallback
 from vsad_lightning.callbacks.outputs import AnomalyMapPictures, MetricsFileCallback
 from vsad_lightning.callbacks.predictions import TestScoresWriter
 from vsad_lightning.callbacks.preemption import (
@@ -60,8 +62,8 @@ from vsad_lightning.utils.quiet import quiet_known_noise
 RUN_VERSION_ENV = "VSAD_RUN_VERSION"
 """Set by rank 0 before DDP starts its worker processes, so every rank names the same run."""
 
-FINAL_MARKERS = ("metrics.json", "checkpoints/final.ckpt")
-"""A version folder holding either of these finished training; it is never resumed."""
+FINISHED_MARKER = "metrics.json"
+"""A version folder holding this was tested: it is never resumed."""
 
 HPC_PATTERN = "hpc_ckpt_*.ckpt"
 """Lightning's SLURM preemption checkpoints, written into ``trainer.default_root_dir``."""
@@ -141,8 +143,14 @@ def find_resume_checkpoint(
     if not versions:
         return None
     version, folder = versions[-1]
-    if any((folder / marker).exists() for marker in FINAL_MARKERS):
+    if (folder / FINISHED_MARKER).exists():
         return None
+    final = folder / "checkpoints" / FINAL_CHECKPOINT
+    if final.is_file():
+        # Trained, bank built, the test cut short: resuming means testing final.ckpt.
+        if claim and not _runfolder.hold(folder):
+            return None
+        return version, final
     own = sorted((folder / "checkpoints").glob("*.ckpt"))
     hpc = sorted(Path(root).glob(HPC_PATTERN))
     best: tuple[int, Path] | None = None
@@ -402,6 +410,12 @@ def fit_main(args: list[str] | None = None) -> int:
             print(f"resuming from {ckpt}", flush=True)
     if ckpt is not None and ckpt not in ("last", "hpc"):  # Lightning's named checkpoints
         _require_checkpoint(ckpt)
+    if cli.resume_from is not None and cli.resume_from.name == FINAL_CHECKPOINT:
+        # The run stopped during its test: the model, bank and calibration are in final.ckpt.
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
+        _drop_consumed_hpc_checkpoints(cli.trainer)
+        _print_results(cli)
+        return 0
     # weights_only: checkpoints never need arbitrary unpickling (loading safety).
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     _drop_consumed_hpc_checkpoints(cli.trainer)
