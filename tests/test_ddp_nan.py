@@ -62,6 +62,7 @@ def _worker(rank: int, rendezvous: str, root: str, out_dir: str) -> None:
         )  # fmt: skip
         trainer = L.Trainer(
             accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=2, logger=False,
+            default_root_dir=str(out_dir),  # the bank's final.ckpt lands here, not in the cwd
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[PoisonRankOne()], num_sanity_val_steps=0,
         )  # fmt: skip
