@@ -327,11 +327,11 @@ def test_config_typo_is_rejected_by_the_parser(
     runs = tmp_path / "runs"
     args = fit_args(synthetic_root_cached, runs, tiny_fit_args, ["--config", str(typo)])
     proc = console_script("vsad-fit", *args)
-    # jsonargparse's own message (exit code 2 as well): usage, then the option it refused.
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: Group 'model' does not accept option 'lambda_rr'"
-    )
+    # The parser's refusal (exit 2, usage, then one error line): what the user must see is the
+    # misspelt key; the rest of the wording is jsonargparse's, not checked here.
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "lambda_rr" in last, last
     assert_no_run_folder(runs)
 
 
