@@ -4,26 +4,18 @@ docs/method.md#scoring: the pixel score uses ``min_{m in M} || F(p) - m ||_2`` f
 every position ``p`` of every test view, against banks of up to millions of rows. This module
 computes that minimum exactly, in bounded memory.
 
-How (torch backend, ``brute_force``):
+How (torch backend): ``vsad_lightning.bank.brute_force`` centres the bank and queries on the
+bank mean and gets ``|b|^2 - 2 a.b`` for a block of queries x bank rows out of one GEMM, in
+bounded memory; its docstring has the details. What follows is the precision argument for it.
 
-1. The bank and the queries are centred on the bank mean ``mu`` (distances do not change under
-   a common translation). Features after a GELU/GroupNorm stack often share a large common
-   offset; centring shrinks the norms that the expansion below has to cancel.
-2. For blocks of ``q_chunk`` queries x ``n_chunk`` bank rows, ``|b|^2 - 2 a.b`` comes out of
-   ONE matrix product into a preallocated buffer: the queries get an extra column of ones and
-   the bank chunk becomes ``[-2 b, |b|^2]``, so the norms are added inside the GEMM rather than
-   by extra passes over the block (``|a|^2`` is constant per query, so it does not change the
-   argmin and is never added). A running (value, index) minimum is kept across bank chunks.
-   The block plus the augmented bank chunk stay within ``max_chunk_bytes`` whatever ``Q`` and
-   ``N`` are.
-3. Precision: the expansion in float32 loses accuracy when distances are small compared with
-   the norms (relative error of ``d^2`` about ``eps_32 * |a||b| / d^2``), so its *values* are
-   never returned. Only its argmin is used: the winning bank row is gathered and
-   ``|| a - b ||`` is computed directly. The returned distance is then exact to float32
-   rounding for the chosen row (0 exactly when the query is a bank row); the only residual
-   error is picking a different row among neighbours whose squared distances differ by less
-   than the expansion's rounding error, and then the returned value exceeds the true minimum by
-   at most that rounding error.
+Precision: the expansion in float32 loses accuracy when distances are small compared with
+the norms (relative error of ``d^2`` about ``eps_32 * |a||b| / d^2``), so its *values* are
+never returned. Only its argmin is used: the winning bank row is gathered and
+``|| a - b ||`` is computed directly. The returned distance is then exact to float32
+rounding for the chosen row (0 exactly when the query is a bank row); the only residual
+error is picking a different row among neighbours whose squared distances differ by less
+than the expansion's rounding error, and then the returned value exceeds the true minimum by
+at most that rounding error.
 
 The other backends pick the same argmin by other means and go through the same exact
 recomputation, so every backend returns the same values: ``projected`` (a lower bound in the
