@@ -24,6 +24,7 @@ from vsad_lightning.data.registration import (
 )
 from vsad_lightning.data.synthetic import sample_truth_path, write_synthetic_dataset
 from vsad_lightning.data.transforms import views_to_tensors
+from vsad_lightning.geometry.cache import HomographyCache
 from vsad_lightning.geometry.projection import (
     neighbour_mask,
     pixel_centre_grid,
@@ -192,3 +193,54 @@ def test_off_changes_nothing_and_the_cache_is_reused_then_rebuilt(rig, capsys):
     before = registration_matrices(again.registration["test"], test[0].sample_id, views)
     after = registration_matrices(other, test[0].sample_id, views)
     assert not np.allclose(before, after)
+
+
+def test_a_hand_placement_beyond_the_gate_registers_through_the_anchor(rig, tmp_path):
+    """A move of the part as large as two hand placements apart (a 6 deg turn and a shift of
+    6 px at 128 px: up to ~10 px at the part's corners, twice the estimator's 5 px gate at this
+    size) registers every view through the placement prior, and an identity prior does not."""
+    dm = MultiViewDataModule(str(rig), CATEGORY, resolution=NATIVE, image_size=SIZE)
+    dm.prepare_data()
+    category = HomographyCache.load(dm.cache_path)
+    train, views = index_realiad(rig, CATEGORY, "train", NATIVE, None)
+    reference = reference_record(train, CATEGORY)
+    images, _ = read_sample_views(reference)
+    truth = json.loads(sample_truth_path(rig, CATEGORY).read_text())["samples"]
+    true = {
+        v: np.asarray(truth[reference.sample_id][f"C1->{v}"]["H"]) if v != "C1" else np.eye(3)
+        for v in views
+    }
+    A1 = moved(6.0, (4.5, -4.0), NATIVE)
+    # The part moved in its own plane: each view sees that move through the TRUE homographies
+    # of the reference's placement (the category cache the prior uses differs by a pixel or two).
+    motions = [true[v] @ A1 @ np.linalg.inv(true[v]) for v in views]
+    files = []
+    for view, image, A in zip(views, images, motions, strict=True):
+        warped = cv2.warpPerspective(
+            image, to_opencv_convention(A), (NATIVE, NATIVE), flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )  # fmt: skip
+        path = tmp_path / f"placed_{view}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(warped, cv2.COLOR_RGB2BGR))
+        files.append(ViewFile(view, path))
+    record = SampleRecord("placed_0001_OK", CATEGORY, "OK", tuple(files))
+
+    def errors(found) -> list[float]:
+        R = registration_matrices(found, record.sample_id, views)
+        # Inside the part in every view: the central half of the image.
+        return [
+            transfer_error(R[v], np.linalg.inv(A), NATIVE, NATIVE // 4)
+            for v, A in enumerate(motions)
+        ]
+
+    placed = ensure_registration(
+        [record], reference, tmp_path / "placed.json", split="test", write=True,
+        category=category, progress=None,
+    )  # fmt: skip
+    status = placed.samples[record.sample_id].status
+    assert all(status[f"{v}->{v}@ref"] == "refined" for v in views), status
+    assert max(errors(placed)) < 0.3, errors(placed)
+    identity = ensure_registration(
+        [record], reference, tmp_path / "identity.json", split="test", write=True, progress=None
+    )
+    assert max(errors(identity)) > 2.0, errors(identity)

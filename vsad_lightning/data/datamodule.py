@@ -384,6 +384,7 @@ class MultiViewDataModule(L.LightningDataModule):
             self.registration_cache_path(split),
             split=split,
             write=self._estimating or self.trainer is None,
+            category=self._load_homographies(),
         )
         self.registration[split] = found
         views = list(dataset.view_names)

@@ -128,6 +128,7 @@ def ensure_sample_homographies(
     timings: dict[str, float] | None = None,
     extra_images: Mapping[str, np.ndarray] | None = None,
     label: str = "per-sample homographies",
+    sample_prior: Callable[[SampleRecord, Mapping[str, np.ndarray]], HomographyCache] | None = None,
     **estimation_options,
 ) -> SampleHomographyFile:
     """Load the split's per-sample file, estimating and writing (atomically) what it lacks.
@@ -153,6 +154,9 @@ def ensure_sample_homographies(
             tokens of the records), so that ``pairs`` may end in them: the reference views of
             ``data.registration``, which registers each view onto the reference sample's.
         label: what the progress lines call the estimates.
+        sample_prior: ``(record, images by view) -> prior`` for one sample, instead of
+            ``prior`` (which still names the file's fingerprint): the registration's placement
+            prior (``data.registration.PlacementPrior``).
         estimation_options: passed on to ``estimate_sample_homographies``.
     """
     path = Path(path)
@@ -195,7 +199,7 @@ def ensure_sample_homographies(
         named.update(extra_images or {})
         estimate = estimate_sample_homographies(
             named,
-            prior,
+            prior if sample_prior is None else sample_prior(record, named),
             needed,
             timings=timings,
             **estimation_options,
