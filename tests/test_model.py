@@ -105,3 +105,40 @@ def test_vsad_lists_its_subcommands_with_one_line_each(capsys):
         assert SUBCOMMANDS[name][1] in line
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_bank_dtype_float16_stores_half_and_scores_like_float32():
+    from vsad_lightning.data.batch import MultiViewBatch
+
+    views, size = ["C1", "C2", "C3"], 32
+    g = torch.Generator().manual_seed(0)
+
+    def batch(ids: list[str]) -> MultiViewBatch:
+        B = len(ids)
+        return MultiViewBatch(
+            images=torch.rand(B, 3, 3, size, size, generator=g) * 2 - 1,
+            masks=torch.zeros(B, 3, 1, size, size),
+            view_labels=torch.zeros(B, 3, dtype=torch.long),
+            sample_labels=torch.zeros(B, dtype=torch.long),
+            homographies=torch.eye(3).repeat(B, 3, 3, 1, 1),
+            neighbour_mask=neighbour_mask("all", 3),
+            sample_ids=ids,
+            categories=["c"] * B,
+            view_names=views,
+        )
+
+    loader = [batch(["a", "b"]), batch(["c", "d"])]
+    test = batch(["t"])
+    scores = {}
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        model = _rigged(VSADModel(**TINY))
+        info = model.fit_memory_bank(loader, dtype=dtype)
+        assert info["dtype"] == str(dtype).removeprefix("torch.")
+        assert {model.memory_bank.bank(lv).dtype for lv in model.memory_bank.levels} == {dtype}
+        scores[dtype] = model(test.images).anomaly_maps
+    # Rounding the stored rows to float16 moves the maps by far less than their spread.
+    spread = scores[torch.float32].std()
+    assert (scores[torch.float16] - scores[torch.float32]).abs().max() < 0.01 * spread
+    with pytest.raises(ValueError, match="bank.dtype"):
+        MemoryBankCallback(dtype="int8")

@@ -12,13 +12,18 @@ normal-only statistics and OK/NG thresholds as module buffers too.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
 from vsad_lightning.callbacks.preemption import raise_if_stop_requested
 from vsad_lightning.utils.progress import Progress
+
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""``bank.dtype`` -> the storage dtype of the memory bank."""
 
 FINAL_CHECKPOINT = "final.ckpt"
 """Written after the bank is built: the checkpoint ``vsad-test`` and ``vsad-predict`` take."""
@@ -56,6 +61,10 @@ class MemoryBankCallback(L.Callback):
             does not depend on the number of processes.
         spill_dir: directory of the streaming build's spill files (``None``: the system temp
             directory); it needs ``4 N D`` bytes per level for this process's rows.
+        dtype: the bank's storage dtype. ``"float16"`` halves the bank in memory, in the
+            checkpoint and in the streaming build's peak (``bank_scale.py``: what a full
+            Real-IAD category needs on a 24 GB machine); the search still computes in float32,
+            so only the stored rows are rounded (relative error about 5e-4).
     """
 
     def __init__(
@@ -66,7 +75,10 @@ class MemoryBankCallback(L.Callback):
         save_checkpoint: bool = True,
         streaming: bool = False,
         spill_dir: str | None = None,
+        dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
+        if dtype not in BANK_DTYPES:
+            raise ValueError(f"bank.dtype must be one of {sorted(BANK_DTYPES)}, got {dtype!r}")
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.coreset_ratio = coreset_ratio
@@ -75,6 +87,7 @@ class MemoryBankCallback(L.Callback):
         self.save_checkpoint = save_checkpoint
         self.streaming = streaming
         self.spill_dir = spill_dir
+        self.dtype = dtype
         # How the bank was built; saved in the checkpoint (callbacks section) for audits.
         self.build_info: dict = {}
 
@@ -118,6 +131,7 @@ class MemoryBankCallback(L.Callback):
                 seed=self.seed,
                 streaming=self.streaming,
                 spill_dir=self.spill_dir,
+                dtype=BANK_DTYPES[self.dtype],
                 log=rank_zero_info,
                 warn=rank_zero_warn,
                 check_stop=lambda: raise_if_stop_requested(*_bank_stop(trainer)),

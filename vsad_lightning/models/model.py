@@ -559,6 +559,7 @@ class VSADModel(nn.Module):
         seed: int = 0,
         streaming: bool = False,
         spill_dir: str | None = None,
+        dtype: torch.dtype = torch.float32,
         log: Callable[[str], None] | None = None,
         warn: Callable[[str], None] | None = None,
         check_stop: Callable[[], None] | None = None,
@@ -577,6 +578,8 @@ class VSADModel(nn.Module):
         Args:
             coreset_ratio, projection_dim, seed, streaming, spill_dir: see
                 ``MemoryBankCallback``.
+            dtype: the bank's storage dtype (``MemoryBankCallback``'s ``dtype``); the search
+                computes in float32 whatever it is.
             log, warn: receive progress lines and warnings (default: none).
             check_stop: called before every batch and every calibration chunk; raises to end
                 the build promptly (the CLI's SIGTERM/SIGINT handling).
@@ -590,11 +593,15 @@ class VSADModel(nn.Module):
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         state = _BankFit(self, rank, world_size, gather, check_stop, on_batch)
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the bank dtype must be float32 or float16, got {dtype}")
         info: dict = {
             "world_size": world_size,
             "coreset_ratio": coreset_ratio,
             "streaming": streaming,
+            "dtype": str(dtype).removeprefix("torch."),
         }
+        self.memory_bank.storage_dtype = dtype
         features: dict[int, Tensor] | None = None
         builder: StreamingBankBuilder | None = None
         kept: dict[int, Tensor] = {}
@@ -604,6 +611,7 @@ class VSADModel(nn.Module):
                 projection_dim=projection_dim,
                 seed=seed,
                 spill_dir=spill_dir,
+                dtype=dtype,
             )
             try:
                 for level, rows, n in state.extract(loader):
