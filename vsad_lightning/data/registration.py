@@ -93,29 +93,37 @@ def reference_record(records: Sequence[SampleRecord], category: str) -> SampleRe
     return min(normals, key=lambda r: r.sample_id)
 
 
+def registration_pairs(
+    views: Sequence[str], matrices: Mapping[str, np.ndarray]
+) -> dict[str, PairEstimate]:
+    """The prior's pairs ``v -> v@ref`` (``matrices[v]``, default the identity) and their
+    inverses ``v@ref -> v``."""
+    pairs = {}
+    for view in views:
+        R = np.asarray(matrices.get(view, np.eye(3)), dtype=np.float64)
+        back = normalise_homography(np.linalg.inv(R))
+        pairs[HomographyCache.pair_key(view, reference_view(view))] = PairEstimate(
+            R.tolist(), 0, 1.0, 0.0
+        )
+        pairs[HomographyCache.pair_key(reference_view(view), view)] = PairEstimate(
+            back.tolist(), 0, 1.0, 0.0
+        )
+    return pairs
+
+
 def identity_prior(
     reference: SampleRecord,
     image_size: tuple[int, int],
     category: HomographyCache | None = None,
-    matrices: Mapping[str, np.ndarray] | None = None,
 ) -> HomographyCache:
-    """The estimator's prior: ``matrices[view]`` (default: the identity) between every view and
-    the reference's same view, and its inverse back.
+    """The estimator's prior: identity between every view and the reference's same view
+    (``PlacementPrior`` replaces the matrices per sample).
 
     Its ``category`` names the reference sample and its files' fingerprint, and the category
     cache the placement prior propagates through, so the file's prior fingerprint
     (``data.sample_homographies.prior_fingerprint``) changes with any of them."""
     views = [vf.view for vf in reference.views]
-    pairs = {}
-    for view in views:
-        R = np.eye(3) if matrices is None or view not in matrices else matrices[view]
-        forward, backward = R.tolist(), normalise_homography(np.linalg.inv(R)).tolist()
-        pairs[HomographyCache.pair_key(view, reference_view(view))] = PairEstimate(
-            forward, 0, 1.0, 0.0
-        )
-        pairs[HomographyCache.pair_key(reference_view(view), view)] = PairEstimate(
-            backward, 0, 1.0, 0.0
-        )
+    pairs = registration_pairs(views, {})
     through = "" if category is None else f" via {prior_fingerprint(category)}"
     return HomographyCache(
         category=(
@@ -194,22 +202,7 @@ class PlacementPrior:
         if matrices is None:
             return self.base
         return replace(
-            self.base,
-            pairs={
-                **self.base.pairs,
-                **{
-                    HomographyCache.pair_key(v, reference_view(v)): PairEstimate(
-                        R.tolist(), 0, 1.0, 0.0
-                    )
-                    for v, R in matrices.items()
-                },
-                **{
-                    HomographyCache.pair_key(reference_view(v), v): PairEstimate(
-                        normalise_homography(np.linalg.inv(R)).tolist(), 0, 1.0, 0.0
-                    )
-                    for v, R in matrices.items()
-                },
-            },
+            self.base, pairs={**self.base.pairs, **registration_pairs(list(matrices), matrices)}
         )
 
 
