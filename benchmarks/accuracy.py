@@ -26,7 +26,7 @@ Fit variants:
 - ``full``: the base config as it is.
 - ``mvam_off`` / ``frm_off``: ``model.use_mvam`` / ``model.use_frm`` false. FRM off also
   drops L_r, FRM's loss (``VSADModule``), here and in every variant without FRM; results
-  measured before that change (L_r then still applied to MVAM's outputs) need a rerun.
+  measured before that change were rerun (README, ``results/accuracy_simple.md``).
 - ``single_view``: the PatchCore-style baseline: the same backbone, features and training
   budget, no MVAM, no FRM, each view scored on its own against one global bank with the raw
   distances (no calibration, no fusion).
