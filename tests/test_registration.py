@@ -244,3 +244,35 @@ def test_a_hand_placement_beyond_the_gate_registers_through_the_anchor(rig, tmp_
         [record], reference, tmp_path / "identity.json", split="test", write=True, progress=None
     )
     assert max(errors(identity)) > 2.0, errors(identity)
+
+
+def test_without_an_anchor_view_the_prior_is_the_identity(rig):
+    """A category cache in which no view has a reliable pair to every other view gives no
+    anchor: the placement prior falls back to the identity instead of failing."""
+    from dataclasses import replace
+
+    from vsad_lightning.data.registration import PlacementPrior, anchor_view, identity_prior
+
+    dm = MultiViewDataModule(str(rig), CATEGORY, resolution=NATIVE, image_size=SIZE)
+    dm.prepare_data()
+    category = HomographyCache.load(dm.cache_path)
+    train, views = index_realiad(rig, CATEGORY, "train", NATIVE, None)
+    assert anchor_view(category, views) == "C1"
+    broken = replace(
+        category,
+        pairs={
+            k: replace(p, status="unreliable") if k in ("C1->C3", "C2->C4", "C3->C1") else p
+            for k, p in category.pairs.items()
+        },
+    )
+    assert anchor_view(broken, views) == "C4"  # the first view that reaches every other
+    no_anchor = replace(
+        category, pairs={k: replace(p, status="unreliable") for k, p in category.pairs.items()}
+    )
+    assert anchor_view(no_anchor, views) is None
+    reference = reference_record(train, CATEGORY)
+    images, _ = read_sample_views(reference)
+    named = dict(zip(views, images, strict=True))
+    base = identity_prior(reference, (NATIVE, NATIVE), no_anchor)
+    prior = PlacementPrior(named, no_anchor, base)
+    assert prior.matrices(named) is None and prior(reference, named) is base

@@ -170,17 +170,19 @@ class PlacementPrior:
         views = list(reference_images)
         self.anchor = anchor_view(category, views)
         self.base = base
+        self.to_view: dict[str, np.ndarray] = {}
+        self.from_view: dict[str, np.ndarray] = {}
+        self.reference_features = None
+        if self.anchor is None:  # no view reaches every other: identity priors
+            return
         first = reference_images[views[0]]
-        self.size = (int(first.shape[1]), int(first.shape[0]))
+        size = (int(first.shape[1]), int(first.shape[0]))
         H = category.matrices(views).to(torch.float64)
-        H = scale_homography(H, tuple(category.image_size), self.size).numpy()
-        self.to_view = {v: H[views.index(self.anchor), i] for i, v in enumerate(views)}
-        self.from_view = {v: H[i, views.index(self.anchor)] for i, v in enumerate(views)}
-        self.reference_features = (
-            None
-            if self.anchor is None
-            else detect_features(reference_images[self.anchor], max_keypoints=None)
-        )
+        H = scale_homography(H, tuple(category.image_size), size).numpy()
+        a = views.index(self.anchor)
+        self.to_view = {v: H[a, i] for i, v in enumerate(views)}
+        self.from_view = {v: H[i, a] for i, v in enumerate(views)}
+        self.reference_features = detect_features(reference_images[self.anchor], max_keypoints=None)
 
     def matrices(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """view -> prior ``R_v`` of one sample (its views by token); ``None`` when the anchor's
