@@ -32,8 +32,9 @@ Fit variants:
   distances (no calibration, no fusion).
 - ``per_sample_h_off``: the category's homographies for every sample
   (``data.per_sample_homographies false``) in training, MVAM and fusion.
-- ``registered`` (and ``registered_mvam_off``, ``registered_single_view``): every sample's
-  views registered to the category's reference pose first (``data.register_views true``).
+- ``registered`` (and ``registered_mvam_off``, ``registered_per_sample_h_off``,
+  ``registered_single_view``): every sample's views registered to the category's reference
+  pose first (``data.register_views true``).
 - ``R1`` / ``R5``, ``levels_*``, ``noise_mode``: MVAM's window, the feature levels, the
   feature mode.
 
@@ -76,6 +77,9 @@ FIT_VARIANTS: dict[str, list[str]] = {
     "per_sample_h_off": ["--data.per_sample_homographies", "false"],
     "registered": ["--data.register_views", "true"],
     "registered_mvam_off": ["--data.register_views", "true", "--model.use_mvam", "false"],
+    "registered_per_sample_h_off": [
+        "--data.register_views", "true", "--data.per_sample_homographies", "false",
+    ],
     "registered_single_view": [
         "--data.register_views", "true", "--model.use_mvam", "false", "--model.use_frm", "false",
         "--model.bank_mode", "global", "--model.calibration", "none",

@@ -288,9 +288,11 @@ def test_predict_scores_a_folder_exactly_as_test_scored_the_same_samples(
     assert len(predicted) == 5 * len(complete)
     assert sorted(p.stem for p in (out / "maps").glob("*.png")) == complete
     # vsad-test of the same checkpoint scored the same samples: the same decisions and, view by
-    # view, the same scores to 1e-5 (vsad-predict scores through VSADInferencer, in its own
-    # batches: float32 sums in another order differ by ~1e-6). The files hold 6 significant
-    # digits, so a value's rounding adds up to one unit of its 6th digit.
+    # view, the same scores to 1e-3 of their size (vsad-predict scores through VSADInferencer,
+    # in its own batches and threads: float32 sums in another order move a calibrated score by
+    # up to 9e-5 of 1.08, measured between OMP_NUM_THREADS=1 and 2 on the same checkpoint; a
+    # wrong homography, resize or calibration moves it by 1e-2 and more). The files hold 6
+    # significant digits, so a value's rounding adds up to one unit of its 6th digit.
     reference = _read_scores(tested.parent / "scores.csv")
     for key, row in predicted.items():
         for column in ("view_decision", "sample_decision"):
@@ -298,7 +300,8 @@ def test_predict_scores_a_folder_exactly_as_test_scored_the_same_samples(
         for column in ("view_score", "sample_score"):
             ours, theirs = float(row[column]), float(reference[key][column])
             rounding = 10 ** (math.floor(math.log10(max(abs(theirs), 1e-12))) - 5)
-            assert abs(ours - theirs) <= 1e-5 + rounding, (key, column, row, reference[key])
+            tolerance = 1e-3 * max(1.0, abs(theirs)) + rounding
+            assert abs(ours - theirs) <= tolerance, (key, column, row, reference[key])
         assert float(row["sample_score"]) >= float(row["view_score"])
     # And the anomalous samples score above the normal ones.
     sample_score = {s: float(predicted[s, "C1"]["sample_score"]) for s in keep}
