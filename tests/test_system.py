@@ -290,8 +290,8 @@ def test_predict_scores_a_folder_exactly_as_test_scored_the_same_samples(
     # vsad-test of the same checkpoint scored the same samples: the same decisions and, view by
     # view, the same scores to 1e-3 of their size (vsad-predict scores through VSADInferencer,
     # in its own batches and threads: float32 sums in another order move a calibrated score by
-    # up to 9e-5 of 1.08, measured between OMP_NUM_THREADS=1 and 2 on the same checkpoint; a
-    # wrong homography, resize or calibration moves it by 1e-2 and more). The files hold 6
+    # up to 9e-5 of 1.08, measured between OMP_NUM_THREADS=1 and 2 on the same checkpoint, so
+    # the bound is ten times that noise, not more). The files hold 6
     # significant digits, so a value's rounding adds up to one unit of its 6th digit.
     reference = _read_scores(tested.parent / "scores.csv")
     for key, row in predicted.items():
