@@ -492,6 +492,20 @@ def test_claimed_versions_are_distinct_across_processes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"version_{v}" for v in versions]
 
 
+def test_srun_ranks_follow_rank_zero_or_fail_naming_the_file(tmp_path):
+    # The happy path runs in test_slurm (two srun tasks, one folder); here the failures.
+    with pytest.raises(DataError, match=r"rank 1 waited 0 s for rank 0 .*\.vsad-step-7\.0\.0"):
+        _runfolder.await_choice(tmp_path, "7.0.0", "realiad/brick", rank=1, timeout_s=0.3)
+    _runfolder.publish_choice(tmp_path, "7.0.0", "realiad/brick", 3, None)
+    assert _runfolder.await_choice(tmp_path, "7.0.0", "realiad/brick", rank=1) == (3, None)
+    with pytest.raises(
+        DataError, match="rank 2 runs 'realiad/gravel' but rank 0 .* 'realiad/brick'"
+    ):
+        _runfolder.await_choice(tmp_path, "7.0.0", "realiad/gravel", rank=2)
+    _runfolder.end_command(failed=False, trained=True)  # rank 0's command ends: file removed
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------ writes that fail
 _LIMITED_WRITER = """
 import resource, sys

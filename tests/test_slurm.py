@@ -163,6 +163,8 @@ def test_two_task_srun_job_trains_with_ddp_world_size_two(cluster, data_root, tm
     bank = final["memory_bank_build"]  # final.ckpt: weights only, the build info kept apart
     assert bank["world_size"] == 2, bank
     assert "1 node(s) x 2 task(s)" in log
+    # Rank 0 chose the one run folder (run_dir found exactly one); its hand-off file is gone.
+    assert not list((run_root / "brick").glob(".vsad-step-*")), log[-2000:]
 
 
 def test_preempted_job_resumes_and_finishes_like_an_uninterrupted_one(cluster, data_root, tmp_path):

@@ -268,11 +268,19 @@ class VSADCLI(LightningCLI):
         if self.command != "fit":
             name = f"{name}/{self.command}"
         version = os.environ.get(RUN_VERSION_ENV)
-        if self.command == "fit":
+        # srun's ranks are separate commands: rank 0 chooses, the others follow (_runfolder).
+        rank, step = _runfolder.srun_step() if version is None else (None, None)
+        if rank:
+            chosen, resume = _runfolder.await_choice(root, step, name, rank)
+            version, self.resume_from = str(chosen), Path(resume) if resume else None
+        elif self.command == "fit":
             version = self._resume_version(root, name, version)
         if version is None:  # rank 0 of a new run: claim the folder atomically
             _ensure_writable(root)
             version = str(_runfolder.claim_version(Path(root) / name))
+        if rank == 0:
+            resume = str(self.resume_from) if self.resume_from is not None else None
+            _runfolder.publish_choice(root, step, name, int(version), resume)
         logger = TensorBoardLogger(
             save_dir=root,
             name=name,
