@@ -101,6 +101,10 @@ SCORING_VARIANTS: dict[str, dict] = {
     "view_calibration": {"calibration": "view"},
     "latent_only": {"unet_weight": 0.0},
     "unet_only": {"latent_weight": 0.0},
+    "latent_weight_4": {"latent_weight": 4.0},
+    "latent_weight_8": {"latent_weight": 8.0},
+    "sigma_4": {"sigma": 4.0},
+    "radius_4": {"positional_radius": 4},
     # The paper's scoring: U-Net levels only, one global bank, raw distances, no fusion.
     "paper_scoring": {
         "latent_weight": 0.0, "bank_mode": "global", "calibration": "none", "fusion_strength": 0.0,
@@ -182,7 +186,7 @@ def evaluate_scoring(run: Path, names: list[str]) -> dict[str, dict]:
         )
         if needs_calibration and not calibrated:
             continue
-        relevant = ("level_weights", "latent_weight", "bank_mode")
+        relevant = ("level_weights", "latent_weight", "bank_mode", "sigma", "positional_radius")
         if calibrated and any(module.hparams[k] != fitted[k] for k in relevant):
             _refit_calibration(module)
         metrics = AnomalyMetrics()

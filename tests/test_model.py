@@ -142,3 +142,43 @@ def test_bank_dtype_float16_stores_half_and_scores_like_float32():
     assert (scores[torch.float16] - scores[torch.float32]).abs().max() < 0.01 * spread
     with pytest.raises(ValueError, match="bank.dtype"):
         MemoryBankCallback(dtype="int8")
+
+
+def test_unet_image_size_runs_the_unet_on_smaller_views_and_keeps_the_latent_full_size():
+    torch.manual_seed(0)
+    settings = dict(TINY, latent_weight=2.0, feature_norm="none")
+    split = VSADModel(**{**settings, "image_size": 64, "unet_image_size": 32})
+    small = VSADModel(**settings)  # image_size 32: what the split model's U-Net must see
+    small.load_state_dict(split.state_dict(), strict=True)  # same weights, same shapes
+    images = torch.rand(2, 3, 3, 64, 64) * 2 - 1
+    H, mask = torch.eye(3).repeat(2, 3, 3, 1, 1), neighbour_mask("all", 3)
+    features = split.extract_features(images, H, mask)
+    resized = torch.nn.functional.interpolate(images.flatten(0, 1), size=32, mode="area")
+    expected = small.extract_features(resized.unflatten(0, (2, 3)), H, mask)
+    for level in split.feature_levels:  # the U-Net's levels: computed from the 32 px views
+        assert torch.allclose(features[level], expected[level], atol=1e-5), level
+    # The latent level: the 64 px views' own (4x4 pixel patches of 16 x 16 places).
+    assert torch.equal(features[LATENT_LEVEL], split.encode(images))
+    assert features[LATENT_LEVEL].shape[-2:] == (16, 16)
+    assert expected[LATENT_LEVEL].shape[-2:] == (8, 8)
+    # The setting rebuilds from the hyperparameters (checkpoints, bundles).
+    assert VSADModel(**split.hyperparameters()).unet_image_size == 32
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (
+            {"image_size": 32, "unet_image_size": 64},
+            r"unet_image_size 64 must be in \(0, image_size",
+        ),
+        ({"image_size": 66, "unet_image_size": 32}, "image_size 66 must be a multiple of the enc"),
+        (
+            {"image_size": 64, "unet_image_size": 24},
+            "unet_image_size 24: image_size 24 must be a multiple of 16",
+        ),
+    ],
+)
+def test_unet_image_size_that_cannot_work_is_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        VSADModel(**{**TINY, **sizes})

@@ -174,6 +174,7 @@ ARCHITECTURE_FIELDS: tuple[str, ...] = (
     "backbone",
     "backbone_path",
     "image_size",
+    "unet_image_size",
     "tiny_encoder",
     "feature_levels",
     "attention_dim",
@@ -201,6 +202,7 @@ class VSADModel(nn.Module):
         backbone: Literal["tiny", "sd2"] = "tiny",
         backbone_path: str | None = None,
         image_size: int = 128,
+        unet_image_size: int | None = None,
         tiny_encoder: Literal["unshuffle", "vae"] = "unshuffle",
         feature_levels: Sequence[int] = (-2, -1),
         attention_dim: int = 64,
@@ -217,10 +219,17 @@ class VSADModel(nn.Module):
         unknown = sorted(set(scoring) - set(SCORING_FIELDS))
         if unknown:
             raise TypeError(f"VSADModel got unknown arguments {unknown}")
+        unet_size = int(image_size if unet_image_size is None else unet_image_size)
+        if not 0 < unet_size <= int(image_size):
+            raise ValueError(
+                f"unet_image_size {unet_image_size} must be in (0, image_size = {image_size}]: "
+                "the U-Net sees the views at most at the model's input size"
+            )
         self.architecture = {
             "backbone": backbone,
             "backbone_path": backbone_path,
             "image_size": int(image_size),
+            "unet_image_size": unet_image_size if unet_image_size is None else unet_size,
             "tiny_encoder": tiny_encoder,
             "feature_levels": [int(x) for x in feature_levels],
             "attention_dim": attention_dim,
@@ -232,9 +241,21 @@ class VSADModel(nn.Module):
             "train_unet": train_unet,
             "gradient_checkpointing": gradient_checkpointing,
         }
-        parts = build_backbone(
-            backbone, path=backbone_path, image_size=image_size, tiny_encoder=tiny_encoder
-        )
+        self.unet_image_size = unet_size
+        try:
+            parts = build_backbone(
+                backbone, path=backbone_path, image_size=unet_size, tiny_encoder=tiny_encoder
+            )
+        except ValueError as e:
+            if unet_size == int(image_size):
+                raise
+            raise ValueError(f"unet_image_size {unet_size}: {e}") from e
+        f = parts.downsample_factor
+        if unet_size != int(image_size) and int(image_size) % f:
+            raise ValueError(
+                f"image_size {image_size} must be a multiple of the encoder's downsampling "
+                f"{f}: the latent level is encoded at image_size (unet_image_size {unet_size})"
+            )
         # The encoder is never trained (docs/method.md#encoder: the frozen VAE).
         self.encoder = parts.encoder.requires_grad_(False).eval()
         self.noise_scheduler = parts.scheduler
@@ -318,6 +339,19 @@ class VSADModel(nn.Module):
         latents = self.encoder(images.flatten(0, 1))
         return latents.unflatten(0, (B, V))
 
+    @torch.no_grad()
+    def unet_latents(self, images: Tensor, latents: Tensor | None = None) -> Tensor:
+        """The latents the U-Net works on: ``encode`` of the views resized (area) to
+        ``unet_image_size``, or ``latents`` (``encode(images)``, when already computed) when
+        that is the images' own size. Homographies keep referring to the full-size images."""
+        small, full = self.unet_image_size, self.architecture["image_size"]
+        if small == full:
+            return self.encode(images) if latents is None else latents
+        B, V, _, H, W = images.shape
+        size = (H * small // full, W * small // full)
+        resized = nn.functional.interpolate(images.flatten(0, 1), size=size, mode="area")
+        return self.encode(resized.unflatten(0, (B, V)))
+
     def conditioning(self, batch_size: int) -> Tensor:
         """The (empty prompt) text conditioning of ``batch_size`` samples."""
         return self.prompt_embedding.expand(batch_size, -1, -1)
@@ -331,7 +365,7 @@ class VSADModel(nn.Module):
         latents = self.encode(images)
         features = self.feature_extractor(
             self.unet,
-            latents,
+            self.unet_latents(images, latents),
             self.conditioning(images.shape[0]),
             homographies,
             (images.shape[-1], images.shape[-2]),
