@@ -103,7 +103,10 @@ SCORING_VARIANTS: dict[str, dict] = {
     "unet_only": {"latent_weight": 0.0},
     "latent_weight_4": {"latent_weight": 4.0},
     "latent_weight_8": {"latent_weight": 8.0},
+    "latent_weight_16": {"latent_weight": 16.0},
+    "sigma_1": {"sigma": 1.0},
     "sigma_4": {"sigma": 4.0},
+    "radius_1": {"positional_radius": 1},
     "radius_4": {"positional_radius": 4},
     # The paper's scoring: U-Net levels only, one global bank, raw distances, no fusion.
     "paper_scoring": {

@@ -549,7 +549,18 @@ HOSTILE_CASES = {
     "window_0": _config("--model.window", "0", patterns=[r"model\.window .*odd"]),
     "window_2": _config("--model.window", "2", patterns=[r"model\.window .*odd", "got 2"]),
     "num_heads_3": _config("--model.num_heads", "3", patterns=["divisible by num_heads"]),
-    "image_size_60": _config("--data.image_size", "60", patterns=["image_size 60", "multiple"]),
+    "image_size_60": _config(
+        "--data.image_size",
+        "60",
+        "--model.unet_image_size",
+        "60",
+        patterns=["image_size 60", "multiple"],
+    ),  # fmt: skip
+    "unet_above_image_size": _config(
+        "--data.image_size",
+        "32",
+        patterns=[r"unet_image_size 64 must be in \(0, image_size = 32\]"],
+    ),
     "inversion_steps_0": _config(
         "--model.inversion_steps", "0", patterns=[r"model\.inversion_steps must be >= 1"]
     ),

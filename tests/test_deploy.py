@@ -35,8 +35,10 @@ SAMPLES = ("brick_0009_OK", "brick_0013_NG")  # a normal and an anomalous test s
 
 
 def _demo_model_args() -> dict:
+    """The demo's model at 64 px, its U-Net at half the views' size as in the demo (32 here):
+    checkpoint, bundle and exported graph must all carry ``unet_image_size``."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    return {**config["model"], "image_size": 64, "inversion_steps": 2}
+    return {**config["model"], "image_size": 64, "unet_image_size": 32, "inversion_steps": 2}
 
 
 def _env() -> dict:
@@ -74,8 +76,22 @@ def deployed(synthetic_root_cached, copy_dataset, tiny_fit_args, tmp_path_factor
     final = work / "fit" / "checkpoints" / "final.ckpt"
     assert final.is_file(), "a plain Trainer.fit must build the bank and write final.ckpt"
 
+    # A config that describes another model than the checkpoint's is refused, by name.
+    wrong = subprocess.run(
+        [str(BIN / "vsad"), "test", *tiny_fit_args, "--model.window", "5",
+         "--data.root", str(root), "--data.category", "brick",
+         "--trainer.default_root_dir", str(work / "wrong"), "--ckpt_path", str(final)],
+        capture_output=True, text=True, timeout=600, env=_env(),
+    )  # fmt: skip
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    line = wrong.stderr.strip().splitlines()[-1]
+    assert "was fitted with another model than the config describes" in line, line
+    assert "model.unet_image_size 64 (checkpoint: 32)" in line, line
+    assert "model.window 5 (checkpoint: 3)" in line, line
+    assert not list((work / "wrong").rglob("version_*"))  # nothing left behind
     test = _run(
-        [str(BIN / "vsad"), "test", *tiny_fit_args, "--data.root", str(root),
+        [str(BIN / "vsad"), "test", *tiny_fit_args, "--model.unet_image_size", "32",
+         "--data.root", str(root),
          "--data.category", "brick", "--trainer.default_root_dir", str(work / "test"),
          "--ckpt_path", str(final)],
     )  # fmt: skip

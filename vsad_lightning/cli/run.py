@@ -54,6 +54,7 @@ from vsad_lightning.cli._validate import validate_model_options, validate_run
 from vsad_lightning.data.datamodule import MultiViewDataModule
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics.export import format_metrics_table
+from vsad_lightning.models.model import ARCHITECTURE_FIELDS
 from vsad_lightning.system.module import VSADModule
 from vsad_lightning.utils.checkpoint_io import AtomicCheckpointIO
 from vsad_lightning.utils.progress import use_terminal_bar
@@ -453,6 +454,45 @@ def _require_checkpoint(path: str) -> str:
     return path
 
 
+_ARCHITECTURE_CHECKED = tuple(
+    k
+    for k in ARCHITECTURE_FIELDS
+    if k not in ("backbone_path", "train_unet", "gradient_checkpointing")
+)
+"""What must match between ``vsad-test``'s config and the checkpoint: the fields that change
+what the loaded weights compute (the backbone folder may move; training-only switches may
+differ)."""
+
+
+def _architecture(hparams: Any) -> dict[str, Any]:
+    out = {k: hparams[k] for k in _ARCHITECTURE_CHECKED if k in hparams}
+    if "feature_levels" in out:
+        out["feature_levels"] = [int(x) for x in out["feature_levels"]]
+    if out.get("unet_image_size") is None and "image_size" in out:
+        out["unet_image_size"] = out["image_size"]  # None means the views' own size
+    return out
+
+
+def _require_same_architecture(path: str, module: VSADModule) -> None:
+    """``vsad-test`` builds the model from its config and loads the checkpoint's weights into
+    it: a config whose architecture differs (another ``image_size`` or ``unet_image_size``,
+    MVAM window, heads, levels) would run those weights differently without any load error.
+    Checkpoints that predate a field are not checked on it."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = _architecture(saved.get("hyper_parameters") or {})
+    config = _architecture(module.hparams)
+    differ = [
+        f"model.{k} {config[k]!r} (checkpoint: {saved[k]!r})"
+        for k in _ARCHITECTURE_CHECKED
+        if k in saved and saved[k] != config.get(k)
+    ]
+    if differ:
+        raise DataError(
+            f"checkpoint {path} was fitted with another model than the config describes: "
+            f"{', '.join(differ)}; set these to the checkpoint's values"
+        )
+
+
 @report_data_errors
 @stops_on_signals
 @_run_version_scoped
@@ -462,6 +502,7 @@ def test_main(args: list[str] | None = None) -> int:
     cli = VSADCLI("test", args)
     _ensure_writable(cli.trainer.default_root_dir)
     ckpt = _require_checkpoint(cli.config["ckpt_path"])
+    _require_same_architecture(ckpt, cli.model)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     _print_results(cli)
     return 0
