@@ -433,8 +433,8 @@ def fit_main(args: list[str] | None = None) -> int:
     return 0
 
 
-def _require_checkpoint(path: str) -> str:
-    """The checkpoint path, or a one-line error naming it when it is not a readable
+def _require_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint, memory-mapped, or a one-line error naming it when it is not a readable
     checkpoint file (missing, a folder, truncated, not a torch file).
 
     Reading it with ``mmap`` costs its index only, not its tensors. A file holding arbitrary
@@ -443,7 +443,7 @@ def _require_checkpoint(path: str) -> str:
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} does not exist (expected a .ckpt written by vsad-fit)")
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise
     except (RuntimeError, OSError, EOFError, ValueError) as e:
@@ -451,7 +451,6 @@ def _require_checkpoint(path: str) -> str:
             f"checkpoint {path} cannot be read ({one_line(str(e))[:200]}); it is truncated or "
             "not a checkpoint written by vsad-fit"
         ) from e
-    return path
 
 
 _ARCHITECTURE_CHECKED = tuple(
@@ -473,13 +472,12 @@ def _architecture(hparams: Any) -> dict[str, Any]:
     return out
 
 
-def _require_same_architecture(path: str, module: VSADModule) -> None:
+def _require_same_architecture(path: str, checkpoint: dict, module: VSADModule) -> None:
     """``vsad-test`` builds the model from its config and loads the checkpoint's weights into
     it: a config whose architecture differs (another ``image_size`` or ``unet_image_size``,
     MVAM window, heads, levels) would run those weights differently without any load error.
     Checkpoints that predate a field are not checked on it."""
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    saved = _architecture(saved.get("hyper_parameters") or {})
+    saved = _architecture(checkpoint.get("hyper_parameters") or {})
     config = _architecture(module.hparams)
     differ = [
         f"model.{k} {config[k]!r} (checkpoint: {saved[k]!r})"
@@ -501,8 +499,8 @@ def test_main(args: list[str] | None = None) -> int:
     """``vsad-test --config CONFIG --ckpt_path CKPT``: test a checkpoint as ``vsad-fit`` does."""
     cli = VSADCLI("test", args)
     _ensure_writable(cli.trainer.default_root_dir)
-    ckpt = _require_checkpoint(cli.config["ckpt_path"])
-    _require_same_architecture(ckpt, cli.model)
+    ckpt = cli.config["ckpt_path"]
+    _require_same_architecture(ckpt, _require_checkpoint(ckpt), cli.model)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     _print_results(cli)
     return 0
