@@ -58,7 +58,7 @@ import torch
 import yaml
 
 from vsad_lightning.cli.run import fit_main
-from vsad_lightning.data.datamodule import MultiViewDataModule
+from vsad_lightning.data.datamodule import MultiViewDataModule, resolved_image_size
 from vsad_lightning.data.synthetic import resolve_categories, write_synthetic_dataset
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.system.module import VSADModule, update_metrics
@@ -107,7 +107,9 @@ SCORING_VARIANTS: dict[str, dict] = {
     "sigma_1": {"sigma": 1.0},
     "sigma_4": {"sigma": 4.0},
     "radius_1": {"positional_radius": 1},
+    "radius_3": {"positional_radius": 3},
     "radius_4": {"positional_radius": 4},
+    "radius_6": {"positional_radius": 6},
     # The paper's scoring: U-Net levels only, one global bank, raw distances, no fusion.
     "paper_scoring": {
         "latent_weight": 0.0, "bank_mode": "global", "calibration": "none", "fusion_strength": 0.0,
@@ -145,7 +147,9 @@ def run_fit(name: str, base: list[str], data: Path, category: str, root: Path, r
 def _load(run: Path) -> tuple[VSADModule, MultiViewDataModule]:
     """The fitted model (weights-only) and its test data, from the run folder's config."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    module = VSADModule(**config["model"])
+    # data.image_size is linked to model.image_size, so config.yaml keeps it under data only.
+    size = resolved_image_size(config["data"]["image_size"], config["data"]["resolution"])
+    module = VSADModule(**{"image_size": size, **config["model"]})
     state = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     data = MultiViewDataModule(**config["data"])

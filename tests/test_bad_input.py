@@ -561,6 +561,13 @@ HOSTILE_CASES = {
         "32",
         patterns=[r"unet_image_size 64 must be in \(0, image_size = 32\]"],
     ),
+    "image_size_null_raw_resolution": _config(
+        "--data.image_size",
+        "null",
+        "--data.resolution",
+        "raw",
+        patterns=[r"data\.image_size is null", r"data\.resolution is 'raw', not a size in px"],
+    ),  # fmt: skip
     "inversion_steps_0": _config(
         "--model.inversion_steps", "0", patterns=[r"model\.inversion_steps must be >= 1"]
     ),

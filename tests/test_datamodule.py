@@ -202,6 +202,20 @@ def test_view_subset_and_graph_errors(synthetic_root_cached):
         make(synthetic_root_cached, val_fraction=1.0)
 
 
+def test_image_size_null_is_the_stored_resolution(synthetic_root_cached, synthetic_spec):
+    root = synthetic_root_cached
+    native = truth(root).image_size[0]
+    dm = make(root, image_size=None)
+    assert dm.image_size == native and dm.hparams["image_size"] == native
+    assert dm.hparams_initial["image_size"] == native  # what Lightning compares with the model
+    dm.setup("fit")
+    check_batch(next(iter(dm.train_dataloader())), native, synthetic_spec.views, truth(root))
+    with pytest.raises(DataError, match="data.resolution is 'raw', not a size in px"):
+        make(root, image_size=None, resolution="raw")
+    with pytest.raises(DataError, match="at least 8, got 4"):
+        make(root, image_size=None, resolution=4)
+
+
 def test_anomalous_sample_in_train_is_an_error_naming_it(
     synthetic_root_cached, copy_dataset, tmp_path
 ):

@@ -23,8 +23,11 @@ def test_demo_fits_each_category_and_reports_the_mean(
     copy_dataset(synthetic_root_cached, out / "data")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("VSAD_DEBUG", None)
+    # Without --data.image_size: the demo config's null, the views at the data's resolution.
+    at = tiny_fit_args.index("--data.image_size")
+    fit_args = tiny_fit_args[:at] + tiny_fit_args[at + 2 :]
     proc = subprocess.run(
-        [sys.executable, "-m", "vsad_lightning.cli.demo", "--out", str(out), *tiny_fit_args],
+        [sys.executable, "-m", "vsad_lightning.cli.demo", "--out", str(out), *fit_args],
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,6 +37,8 @@ def test_demo_fits_each_category_and_reports_the_mean(
     runs = out / "runs"
     metrics = json.loads((runs / "realiad" / category / "version_0" / "metrics.json").read_text())
     assert metrics["n_samples"] == synthetic_spec.samples_test
+    hparams = (runs / "realiad" / category / "version_0" / "hparams.yaml").read_text()
+    assert f"\nimage_size: {synthetic_spec.image_size}\n" in hparams  # --data.resolution's
     report = json.loads((runs / "report.json").read_text())
     assert [row["category"] for row in report["rows"]] == [category]
     assert report["mean"]["sample_auroc"] == pytest.approx(metrics["sample_auroc"])

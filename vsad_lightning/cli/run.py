@@ -51,7 +51,7 @@ from vsad_lightning.callbacks.progress import LogProgressBar
 from vsad_lightning.cli import _runfolder
 from vsad_lightning.cli._common import one_line, report_data_errors
 from vsad_lightning.cli._validate import validate_model_options, validate_run
-from vsad_lightning.data.datamodule import MultiViewDataModule
+from vsad_lightning.data.datamodule import MultiViewDataModule, resolved_image_size
 from vsad_lightning.errors import DataError
 from vsad_lightning.metrics.export import format_metrics_table
 from vsad_lightning.models.model import ARCHITECTURE_FIELDS
@@ -204,7 +204,12 @@ class VSADCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MemoryBankCallback, "bank")
         parser.add_lightning_class_args(AnomalyMapPictures, "pictures")
-        parser.link_arguments("data.image_size", "model.image_size")
+        # data.image_size null: the stored resolution (resolved_image_size).
+        parser.link_arguments(
+            ("data.image_size", "data.resolution"),
+            "model.image_size",
+            compute_fn=resolved_image_size,
+        )
         if self.command == "fit":
             parser.add_argument(
                 "--ckpt_path",

@@ -85,6 +85,24 @@ TOP_VIEW = "C1"
 """The top camera of the ``top_and_ring`` graph (Real-IAD, MANTA and the synthetic rig)."""
 
 
+def resolved_image_size(image_size: int | None, resolution: int | str) -> int:
+    """``data.image_size``, with ``None`` meaning the stored resolution (``data.resolution``).
+
+    ``vsad-fit`` links this to ``model.image_size`` (``cli/run.py``), so the model and the
+    data always agree on the size."""
+    if image_size is None:
+        try:
+            image_size = int(resolution)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"data.image_size is null (the stored resolution), but data.resolution is "
+                f"{resolution!r}, not a size in px: set data.image_size"
+            ) from None
+    if image_size < 8:
+        raise DataError(f"data.image_size must be at least 8, got {image_size}")
+    return int(image_size)
+
+
 class ResumableShuffleSampler(DistributedSampler):
     """The training order: a shuffle seeded by ``(seed, epoch)``, one shard per rank, and an
     optional one-shot skip of the batches a resumed run has already trained on.
@@ -161,7 +179,10 @@ class MultiViewDataModule(L.LightningDataModule):
         dataset: ``"realiad"``, ``"manta"`` or ``"folder"``.
         resolution: Real-IAD's ``realiad_<resolution>`` folder (an integer or ``"raw"``).
         views: the views to use, in this order; ``None``: all of them (``C1..C5``).
-        image_size: side of the square images fed to the model.
+        image_size: side of the square images fed to the model; ``None``: the stored
+            resolution (``resolution``, which must then be an integer), so that
+            ``--data.resolution 256`` models 256 px views and 128 px data stay at 128 px
+            (``configs/demo.yaml``; ``resolved_image_size``).
         neighbour_graph: ``"top_and_ring"`` (C1 must be the first view), ``"ring"`` or
             ``"all"`` (``geometry.neighbour_mask``).
         val_fraction: fraction of the training normals held out for the validation loss.
@@ -204,7 +225,7 @@ class MultiViewDataModule(L.LightningDataModule):
         dataset: Literal["realiad", "manta", "folder"] = "realiad",
         resolution: int | str = 256,
         views: list[str] | None = None,
-        image_size: int = 256,
+        image_size: int | None = 256,
         neighbour_graph: str = "top_and_ring",
         val_fraction: float = 0.0,
         batch_size: int = 2,
@@ -228,13 +249,15 @@ class MultiViewDataModule(L.LightningDataModule):
             )
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        if image_size < 8:
-            raise DataError(f"data.image_size must be at least 8, got {image_size}")
+        image_size = resolved_image_size(image_size, resolution)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise DataError("data.batch_size and data.eval_batch_size must be >= 1")
         if check_files not in FILE_CHECKS:
             raise DataError(f"data.check_files must be one of {FILE_CHECKS}, got {check_files!r}")
         self.save_hyperparameters()
+        # The resolved size, as model.image_size has it: Lightning requires the keys the two
+        # share to be equal, and LightningCLI's instantiation records the argument as given.
+        self.save_hyperparameters({**self.hparams, "image_size": image_size})
         self.root = root
         self.category = category
         self.dataset = dataset
