@@ -20,7 +20,10 @@ Configurations:
 
 * ``tiny``: ``configs/demo.yaml``'s model section as it is (the embedded default), at each size,
   scoring included: its positional bank, its latent level (``latent_weight``) and its
-  ``feature_norm``.
+  ``feature_norm``; the U-Net at ``model.unet_image_size`` (the views area-resized for it, the
+  latent level at the views' size, as ``VSADModel.unet_latents``).
+* ``tiny_full_unet``: the same with the U-Net at the views' size (the demo before
+  ``unet_image_size``): the two rows side by side show what that option saves.
 * ``sd2``: Stable Diffusion 2 base's U-Net layout and widths (320/640/1280/1280, cross-attention
   1024, a zero prompt) and its VAE layout (128/256/512/512, 4 latent channels, scaling
   0.18215), random weights (nothing is downloaded), with VSADModule's defaults: levels
@@ -68,15 +71,28 @@ STAGES = ("encode", "inversion", "features", "knn", "post")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_parts(image: int) -> tuple[SimpleNamespace, dict]:
+def tiny_parts(image: int, full_unet: bool = False) -> tuple[SimpleNamespace, dict]:
+    """``configs/demo.yaml``'s model; ``full_unet``: its U-Net at the views' size instead of
+    ``model.unet_image_size`` (how the demo ran before that option)."""
     import yaml
 
     from vsad_lightning.models.backbones import build_backbone
 
     with open(os.path.join(REPO, "configs", "demo.yaml")) as f:
         model = yaml.safe_load(f)["model"]
-    parts = build_backbone("tiny", image_size=image, tiny_encoder=model["tiny_encoder"])
+    unet_size = model.get("unet_image_size")
+    model["unet_image_size"] = image if full_unet or unet_size is None else min(unet_size, image)
+    parts = build_backbone(
+        "tiny", image_size=model["unet_image_size"], tiny_encoder=model["tiny_encoder"]
+    )
     return parts, model
+
+
+CONFIGS = {
+    "tiny": tiny_parts,
+    "tiny_full_unet": lambda image: tiny_parts(image, full_unet=True),
+    "sd2": lambda image: sd2_parts(image),
+}
 
 
 def sd2_parts(image: int) -> tuple[SimpleNamespace, dict]:
@@ -138,6 +154,7 @@ class Pipeline:
         from vsad_lightning.models.unet import ViewAlignedUNet
 
         self.device, self.dtype, self.image = device, dtype, image
+        self.unet_image = int(model.get("unet_image_size") or image)  # model.unet_image_size
         self.encoder = parts.encoder.to(device).eval()
         self.scheduler = parts.scheduler
         self.prompt = parts.prompt_embedding.to(device)
@@ -190,8 +207,18 @@ class Pipeline:
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-    def encode(self):
-        return self.encoder(self.images.flatten(0, 1)).unflatten(0, (1, VIEWS))
+    def encode(self, images=None):
+        images = self.images if images is None else images
+        return self.encoder(images.flatten(0, 1)).unflatten(0, (1, VIEWS))
+
+    def unet_latents(self, latents):
+        """What ``VSADModel.unet_latents`` feeds the U-Net: the views resized by area to
+        ``unet_image_size``, encoded (the full-size latents when the sizes are equal)."""
+        if self.unet_image == self.image:
+            return latents
+        size = (self.unet_image, self.unet_image)
+        small = torch.nn.functional.interpolate(self.images.flatten(0, 1), size=size, mode="area")
+        return self.encode(small.unflatten(0, (1, VIEWS)))
 
     def run(self, z, t: int, capture: bool):
         timesteps = torch.full((1,), t, dtype=torch.long, device=self.device)
@@ -249,10 +276,11 @@ class Pipeline:
         start = time.perf_counter()
         with self.autocast():
             latents = self.encode().float()
+            unet_latents = self.unet_latents(latents).float()
             start = mark("encode", start)
             z_star = self.extractor._noised_latents(
                 self.run,
-                latents,
+                unet_latents,
                 self.scheduler.alphas_cumprod,
                 self.scheduler.config.prediction_type,
             )
@@ -286,7 +314,14 @@ def hardware(device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["tiny", "sd2"], choices=["tiny", "sd2"])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["tiny", "sd2"],
+        choices=list(CONFIGS),
+        help="tiny: configs/demo.yaml's model (its U-Net at model.unet_image_size); "
+        "tiny_full_unet: the same with the U-Net at the views' size; sd2: SD2 widths",
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[256])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -342,18 +377,19 @@ def main() -> None:
         "rows per level (a coreset), positional ones of all 250 samples' feature maps.\n"
     )
     say(
-        "| config | code | image | U-Net passes | warm-up samples | bank | "
+        "| config | code | image | U-Net image | U-Net passes | warm-up samples | bank | "
         "bank rows per level (N x C) | "
         + " | ".join(f"{s} s" for s in STAGES)
         + " | total s | samples/s |"
     )
-    say("|---|---|---|---|---|---|---|" + "---|" * (len(STAGES) + 2))
+    say("|---|---|---|---|---|---|---|---|" + "---|" * (len(STAGES) + 2))
     for config in args.configs:
         for image in args.sizes:
-            parts, model = (tiny_parts if config == "tiny" else sd2_parts)(image)
+            parts, model = CONFIGS[config](image)
             pipeline = Pipeline(parts, model, image, device, dtype, args.bank_ratio)
             del parts
-            warmup = args.warmup if config == "tiny" or args.sd2_warmup is None else args.sd2_warmup
+            sd2 = config == "sd2"
+            warmup = args.sd2_warmup if sd2 and args.sd2_warmup is not None else args.warmup
             paths = ["before", "now"] if args.compare else ["now"]
             runs: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
             for repeat in range(warmup + args.repeats):
@@ -371,7 +407,8 @@ def main() -> None:
                 medians[path] = {s: statistics.median(r[s] for r in runs[path]) for s in STAGES}
                 total = sum(medians[path].values())
                 say(
-                    f"| {config} | {path} | {image} | {passes} | {warmup} | {bank_kind} | "
+                    f"| {config} | {path} | {image} | {pipeline.unet_image} | {passes} | {warmup} "
+                    f"| {bank_kind} | "
                     f"{banks} | "
                     + " | ".join(f"{medians[path][s]:.3f}" for s in STAGES)
                     + f" | {total:.3f} | {1 / total if total > 0 else math.inf:.3f} |"
@@ -380,7 +417,7 @@ def main() -> None:
                 ratio = {s: medians["before"][s] / max(medians["now"][s], 1e-9) for s in STAGES}
                 total = sum(medians["before"].values()) / sum(medians["now"].values())
                 say(
-                    f"| {config} | speed-up (before / now) | {image} | | | | | "
+                    f"| {config} | speed-up (before / now) | {image} | | | | | | "
                     + " | ".join(f"{ratio[s]:.2f}x" for s in STAGES)
                     + f" | {total:.2f}x | |"
                 )
