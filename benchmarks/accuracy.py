@@ -39,12 +39,21 @@ Fit variants:
   feature mode.
 
 ``--reuse`` keeps a (variant, category, seed) run that already has a ``metrics.json``.
+
+Per defect type: for every fit's runs, the sample AUROC of the anomalous test samples of one
+defect type (the Real-IAD folder ``NG/<code>/``: scratch HS, stain ZW, hole QS, pasted patch YW)
+against all normal test samples, from the run's ``scores.csv``.
+
+``--merge A.json B.json ...`` writes one report from earlier invocations' tables (later files
+add to and replace cells of earlier ones) without fitting anything, e.g. seeds or fit variants
+run separately; the per-defect-type table is read from the run folders under ``--work``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import json
 import os
@@ -56,9 +65,11 @@ import cv2
 import numpy as np
 import torch
 import yaml
+from torchmetrics.functional.classification import binary_auroc
 
 from vsad_lightning.cli.run import fit_main
 from vsad_lightning.data.datamodule import MultiViewDataModule, resolved_image_size
+from vsad_lightning.data.realistic_rig import REALISTIC_DEFECT_CODES
 from vsad_lightning.data.synthetic import resolve_categories, write_synthetic_dataset
 from vsad_lightning.metrics import AnomalyMetrics
 from vsad_lightning.system.module import VSADModule, update_metrics
@@ -253,6 +264,88 @@ def markdown(table: Table, categories: list[str], seeds: list[int], header: str)
     return "\n".join(lines) + "\n"
 
 
+DEFECT_NAMES = {code: name for name, code in REALISTIC_DEFECT_CODES.items()}
+
+
+def defect_type_aurocs(run: Path) -> dict[str, float]:
+    """Sample AUROC of each defect type's anomalous samples against all normal samples, from
+    the run's ``scores.csv`` (the type is the Real-IAD folder ``NG/<code>/``)."""
+    scores: dict[str, tuple[float, str]] = {}
+    with (run / "scores.csv").open() as f:
+        for row in csv.DictReader(f):
+            code = Path(row["image_path"]).parts[-3] if row["sample_truth"] == "NG" else "OK"
+            scores[row["sample_id"]] = (float(row["sample_score"]), code)
+    normal = [score for score, code in scores.values() if code == "OK"]
+    out = {}
+    for code in sorted({code for _, code in scores.values()} - {"OK"}):
+        anomalous = [score for score, c in scores.values() if c == code]
+        values = torch.tensor(anomalous + normal)
+        labels = torch.tensor([1] * len(anomalous) + [0] * len(normal))
+        out[DEFECT_NAMES.get(code, code)] = float(binary_auroc(values, labels))
+    return out
+
+
+def defect_type_markdown(work: Path, rig: str, scale: str, categories, seeds) -> str:
+    """The per-defect-type section (module docstring) of every fit found under ``work``."""
+    lines = []
+    for folder in sorted((work / f"runs_{rig}_{scale}").glob("*_seed*")):
+        fit, _, seed = folder.name.rpartition("_seed")
+        if int(seed) not in seeds:
+            continue
+        for category in categories:
+            done = sorted((folder / "realiad" / category).glob("version_*/scores.csv"))
+            if done:
+                for kind, auroc in defect_type_aurocs(done[-1].parent).items():
+                    lines.append((fit, kind, category, int(seed), auroc))
+    if not lines:
+        return ""
+    kinds = sorted({kind for _, kind, *_ in lines})
+    text = [
+        "",
+        "Per defect type, sample AUROC of the as-fitted runs (that type's anomalous test samples "
+        "against all normal test samples; mean over the categories ± half the range over seeds):",
+        "",
+        "| fit | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for fit in dict.fromkeys(fit for fit, *_ in lines):
+        cells = []
+        for kind in kinds:
+            per_seed = [
+                np.mean([a for f, k, _, s, a in lines if (f, k, s) == (fit, kind, seed)])
+                for seed in seeds
+                if any((f, k, s) == (fit, kind, seed) for f, k, _, s, _ in lines)
+            ]
+            cells.append(_cell(per_seed))
+        text.append(f"| {fit} | " + " | ".join(cells) + " |")
+    return "\n".join(text) + "\n"
+
+
+def merge(files: list[Path], out: Path, work: Path, rig: str, categories, seeds) -> int:
+    """``--merge``: one report from earlier invocations' JSON tables (module docstring)."""
+    table: Table = {}
+    headers = []
+    for path in files:
+        saved = json.loads(path.read_text())
+        headers.append(saved["header"].split("\n\n", 1)[-1])
+        for row, per_cat in saved["table"].items():
+            for category, per_seed in per_cat.items():
+                for seed, metrics in per_seed.items():
+                    table.setdefault(row, {}).setdefault(category, {})[int(seed)] = metrics
+    header = f"# Accuracy ablations ({rig} rig)\n\nMerged from these invocations:\n\n" + "\n".join(
+        f"- {h}" for h in headers
+    )
+    text = markdown(table, categories, seeds, header)
+    text += defect_type_markdown(work, rig, "full", categories, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"accuracy_{rig}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"header": header, "table": table}))
+    bar_chart(table, stem.with_suffix(".png"))
+    print(text)
+    return 0
+
+
 def bar_chart(table: Table, path: Path) -> None:
     """Grouped bars of the mean metrics per row, drawn with OpenCV (already a dependency)."""
     colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214)]  # BGR
@@ -308,10 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="Tiny data and 1 epoch: a smoke run.")
     parser.add_argument("--reuse", action="store_true", help="Keep finished runs in --work.")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="JSON",
+        help="Write one report from these earlier results (.json) instead of fitting.",
+    )  # fmt: skip
     args, extra = parser.parse_known_args(argv)
 
     categories = resolve_categories(args.categories, args.rig)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.merge:
+        return merge(args.merge, args.out, args.work, args.rig, categories, seeds)
     sizes = {"samples_train": 8, "samples_test": 8, "image_size": 128} if args.quick else {}
     resolution = sizes.get("image_size") or (256 if args.rig == "realistic" else 128)
     base = ["--config", args.config, "--data.resolution", str(resolution)]
@@ -349,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{categories}, seeds {seeds}; this invocation took {minutes:.1f} min so far."
                 )
                 text = markdown(table, categories, seeds, header)
+                text += defect_type_markdown(args.work, args.rig, scale, categories, seeds)
                 if FINDINGS.is_file() and args.rig == "simple":
                     text += "\n" + FINDINGS.read_text()
                 stem.with_suffix(".md").write_text(text)
