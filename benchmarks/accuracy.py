@@ -300,6 +300,9 @@ def defect_type_markdown(work: Path, rig: str, scale: str, categories, seeds) ->
     if not lines:
         return ""
     kinds = sorted({kind for _, kind, *_ in lines})
+    per_category: dict[tuple[str, str, int], list[float]] = {}
+    for fit, kind, _, seed, auroc in lines:
+        per_category.setdefault((fit, kind, seed), []).append(auroc)
     text = [
         "",
         "Per defect type, sample AUROC of the as-fitted runs (that type's anomalous test samples "
@@ -311,12 +314,8 @@ def defect_type_markdown(work: Path, rig: str, scale: str, categories, seeds) ->
     for fit in dict.fromkeys(fit for fit, *_ in lines):
         cells = []
         for kind in kinds:
-            per_seed = [
-                np.mean([a for f, k, _, s, a in lines if (f, k, s) == (fit, kind, seed)])
-                for seed in seeds
-                if any((f, k, s) == (fit, kind, seed) for f, k, _, s, _ in lines)
-            ]
-            cells.append(_cell(per_seed))
+            found = [per_category.get((fit, kind, seed)) for seed in seeds]
+            cells.append(_cell([float(np.mean(v)) for v in found if v]))
         text.append(f"| {fit} | " + " | ".join(cells) + " |")
     return "\n".join(text) + "\n"
 
@@ -335,15 +334,24 @@ def merge(files: list[Path], out: Path, work: Path, rig: str, categories, seeds)
     header = f"# Accuracy ablations ({rig} rig)\n\nMerged from these invocations:\n\n" + "\n".join(
         f"- {h}" for h in headers
     )
-    text = markdown(table, categories, seeds, header)
-    text += defect_type_markdown(work, rig, "full", categories, seeds)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"accuracy_{rig}"
+    print(write_report(stem, table, header, work, rig, "full", categories, seeds))
+    return 0
+
+
+def write_report(
+    stem: Path, table: Table, header: str, work: Path, rig: str, scale: str, categories, seeds
+) -> str:
+    """``<stem>.md`` / ``.json`` / ``.png`` of ``table``; returns the markdown."""
+    text = markdown(table, categories, seeds, header)
+    text += defect_type_markdown(work, rig, scale, categories, seeds)
+    if FINDINGS.is_file() and rig == "simple":
+        text += "\n" + FINDINGS.read_text()
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"header": header, "table": table}))
     bar_chart(table, stem.with_suffix(".png"))
-    print(text)
-    return 0
+    return text
 
 
 def bar_chart(table: Table, path: Path) -> None:
@@ -447,13 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"config `{args.config}` + `{' '.join(extra)}`, {scale} scale, categories "
                     f"{categories}, seeds {seeds}; this invocation took {minutes:.1f} min so far."
                 )
-                text = markdown(table, categories, seeds, header)
-                text += defect_type_markdown(args.work, args.rig, scale, categories, seeds)
-                if FINDINGS.is_file() and args.rig == "simple":
-                    text += "\n" + FINDINGS.read_text()
-                stem.with_suffix(".md").write_text(text)
-                stem.with_suffix(".json").write_text(json.dumps({"header": header, "table": table}))
-                bar_chart(table, stem.with_suffix(".png"))
+                write_report(stem, table, header, args.work, args.rig, scale, categories, seeds)
     print(markdown(table, categories, seeds, header))
     return 0
 

@@ -88,13 +88,6 @@ def tiny_parts(image: int, full_unet: bool = False) -> tuple[SimpleNamespace, di
     return parts, model
 
 
-CONFIGS = {
-    "tiny": tiny_parts,
-    "tiny_full_unet": lambda image: tiny_parts(image, full_unet=True),
-    "sd2": lambda image: sd2_parts(image),
-}
-
-
 def sd2_parts(image: int) -> tuple[SimpleNamespace, dict]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -140,6 +133,13 @@ def sd2_parts(image: int) -> tuple[SimpleNamespace, dict]:
         "neighbour_graph": "top_and_ring",
     }
     return parts, model
+
+
+CONFIGS = {
+    "tiny": tiny_parts,
+    "tiny_full_unet": lambda image: tiny_parts(image, full_unet=True),
+    "sd2": sd2_parts,
+}
 
 
 class Pipeline:
