@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from vsad_lightning.bank import positional
 from vsad_lightning.bank.coreset import greedy_coreset
 from vsad_lightning.bank.knn import nearest_distance
 from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
@@ -198,8 +199,13 @@ def _brute_positional(bank_maps: torch.Tensor, queries: torch.Tensor, radius: in
     return out
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached_layout", "per_call_layout"])
 @pytest.mark.parametrize("radius", [0, 1, 2])
-def test_positional_distances_equal_a_brute_force_window_search(radius):
+def test_positional_distances_equal_a_brute_force_window_search(radius, cached, monkeypatch):
+    # A bank over positional.LAYOUT_CACHE_MAX_BYTES builds its position-major operand per call
+    # instead of keeping a copy: both paths give the same answer.
+    if not cached:
+        monkeypatch.setattr(positional, "LAYOUT_CACHE_MAX_BYTES", 0)
     gen = torch.Generator().manual_seed(radius)
     bank_maps = torch.randn(3, 2, 4, 5, 6, generator=gen)  # (n, V, C, h, w)
     queries = torch.randn(2, 2, 4, 5, 6, generator=gen)
@@ -211,6 +217,7 @@ def test_positional_distances_equal_a_brute_force_window_search(radius):
     # A tiny chunk bound splits the bank rows; the answer must not change.
     small = bank.positional_distances(1, queries, radius, max_chunk_bytes=1)
     torch.testing.assert_close(small, expected, rtol=1e-5, atol=1e-5)
+    assert (positional.position_major(bank.bank(1), 2 * 5 * 6) is not None) == cached
 
 
 def test_positional_search_follows_in_place_changes_and_half_banks():

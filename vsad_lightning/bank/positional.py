@@ -22,7 +22,16 @@ _POSITIONS_PER_CHUNK = 1024
 with n = 250, C = 32: 64 positions per chunk were slower than the previous search (per-call
 overhead), 1024-4096 were 1.4-1.8x faster; 1024 keeps the chunk's buffers small."""
 
+LAYOUT_CACHE_MAX_BYTES = 2 * 2**30
+"""Largest position-major copy of a bank level kept between searches (``position_major``).
+
+The copy is the search's GEMM operand ``[-2 b, |b|^2]`` in float32, ``P x n x (C + 1)`` values:
+1.0 GB for the demo's latent level at 256 px with 250 training samples. Building it per call
+(strided reads of the sample-major rows) took as long as the GEMM itself; a bigger bank (a
+Real-IAD category at SD2 widths) keeps its memory and builds each chunk per call instead."""
+
 _NORMS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_LAYOUT_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @torch.no_grad()
@@ -53,7 +62,7 @@ def positional_search(
     channels = rows.shape[1]
     positions = views * height * width
     count = rows.shape[0] // positions
-    bank = rows.view(count, positions, channels)  # (n, P, C), P = V h w; float16 stays so
+    operand = BankOperand(rows, positions)
     queries = features.to(rows.device, torch.float32).permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
     batch, device, r = queries.shape[0], queries.device, radius
     offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
@@ -65,44 +74,38 @@ def positional_search(
     # shift (dy, dx), the query at (y - dy, x - dx): an index into the zero-padded queries
     # (padding rows only ever meet out-of-map positions, which step 2 never reads).
     padded_h, padded_w = height + 2 * r, width + 2 * r
-    # Augmented queries [a, 1]: with the bank chunk as [-2 b, |b|^2] one GEMM gives
-    # |b|^2 - 2 a.b, the norms added inside the product instead of by a pass over the scores.
+    # Augmented queries [a, 1]: with the bank as [-2 b, |b|^2] one GEMM gives |b|^2 - 2 a.b,
+    # the norms added inside the product instead of by a pass over the scores.
     padded = torch.zeros(batch, views, padded_h, padded_w, channels + 1, device=device)
     padded[:, :, r : r + height, r : r + width, :channels] = queries
     padded[..., channels] = 1.0
-    padded = padded.reshape(batch, views * padded_h * padded_w, channels + 1)
+    # Query-row-major (R, B, C + 1), so a chunk's queries are one index_select into a buffer.
+    padded = padded.reshape(batch, -1, channels + 1).transpose(0, 1).contiguous()
     v_idx = torch.arange(views, device=device).view(-1, 1, 1)
     y_idx = torch.arange(height, device=device).view(1, -1, 1)
     x_idx = torch.arange(width, device=device).view(1, 1, -1)
     row_of = (v_idx * padded_h + y_idx + r).expand(views, height, width).reshape(-1, 1)
     col_of = (x_idx + r).expand(views, height, width).reshape(-1, 1)
     source = (row_of - shifts[:, 0]) * padded_w + (col_of - shifts[:, 1])  # (P, S)
-    bank_sq = positional_norms(rows, positions)  # (P, n), cached per bank
 
     # 1. Per bank position and shift: the nearest of the n training rows (expanded form).
-    # Bounded chunks: the augmented bank chunk [-2 b, |b|^2] is built from the stored rows (one
-    # pass, converting float16 on the way) and then read by the GEMM.
     per_position = 4 * (num_shifts * batch * (count + channels + 1) + count * (channels + 1))
     step = max(1, min(positions, _POSITIONS_PER_CHUNK, max_chunk_bytes // max(1, per_position)))
-    values = torch.empty(positions, num_shifts, batch, device=device)
-    indices = torch.empty(positions, num_shifts, batch, dtype=torch.long, device=device)
-    augmented = torch.empty(step, count, channels + 1, device=device)
+    values = torch.empty(positions, num_shifts * batch, device=device)
+    indices = torch.empty(positions, num_shifts * batch, dtype=torch.long, device=device)
     block = torch.empty(step, num_shifts * batch, count, device=device)
+    gathered = torch.empty(step * num_shifts, batch, channels + 1, device=device)
     for p0 in range(0, positions, step):
         p1 = min(positions, p0 + step)
         p = p1 - p0
-        q = padded[:, source[p0:p1]].permute(1, 2, 0, 3)  # (p, S, B, C + 1)
-        q = q.reshape(p, num_shifts * batch, channels + 1)
-        b = augmented[:p]
-        torch.mul(bank[:, p0:p1].transpose(0, 1), -2.0, out=b[..., :channels])
-        b[..., channels] = bank_sq[p0:p1]
-        scores = torch.bmm(q, b.transpose(1, 2), out=block[:p])
+        index = source[p0:p1].reshape(-1)
+        q = torch.index_select(padded, 0, index, out=gathered[: p * num_shifts])
+        q = q.view(p, num_shifts * batch, channels + 1)  # (p, S x B, C + 1), shift-major
+        scores = torch.bmm(q, operand.range(p0, p1).transpose(1, 2), out=block[:p])
         if excluded is not None:
             query_of, sample_of = excluded
             scores.view(p, num_shifts, batch, count)[:, :, query_of, sample_of] = math.inf
-        value, index = scores.min(dim=-1)
-        values[p0:p1] = value.view(p, num_shifts, batch)
-        indices[p0:p1] = index.view(p, num_shifts, batch)
+        torch.min(scores, dim=-1, out=(values[p0:p1], indices[p0:p1]))
 
     # 2. Back to query positions: query (y, x) met bank position (y + dy, x + dx) in shift
     # (dy, dx); positions off the map read the +inf padding. Shifts in order, strict <.
@@ -123,12 +126,59 @@ def positional_search(
         best_dy.masked_fill_(better, dy)
         best_dx.masked_fill_(better, dx)
     # Exact distance to each winner (the expanded form loses precision when a ~ b).
-    maps = bank.view(count, views, height, width, channels)
+    maps = rows.view(count, views, height, width, channels)
     v_pos = v_idx.view(1, views, 1, 1).expand_as(best_row)
     y_pos = y_idx.view(1, 1, height, 1) + best_dy
     x_pos = x_idx.view(1, 1, 1, width) + best_dx
     winners = maps[best_row, v_pos, y_pos, x_pos].float()  # (B, V, h, w, C)
     return (queries - winners).norm(dim=-1)
+
+
+class BankOperand:
+    """The search's GEMM operand ``[-2 b, |b|^2]`` of bank positions, ``(k, n, C + 1)``.
+
+    Read from the position-major copy cached per bank (``position_major``) when the copy fits
+    ``LAYOUT_CACHE_MAX_BYTES``; otherwise built per call from the sample-major rows (float16
+    converted on the way) and the cached norms (``positional_norms``).
+    """
+
+    def __init__(self, rows: Tensor, positions: int) -> None:
+        self.rows, self.positions = rows, positions
+        self.count = rows.shape[0] // positions
+        self.channels = rows.shape[1]
+        self.cached = position_major(rows, positions)
+        self.norms = None if self.cached is not None else positional_norms(rows, positions)
+
+    def range(self, p0: int, p1: int) -> Tensor:
+        """Positions ``p0 .. p1 - 1``."""
+        if self.cached is not None:
+            return self.cached[p0:p1]
+        bank = self.rows.view(self.count, self.positions, self.channels)[:, p0:p1]
+        return self._build(bank.transpose(0, 1), self.norms[p0:p1])
+
+    def _build(self, bank: Tensor, norms: Tensor) -> Tensor:
+        out = torch.empty(*bank.shape[:2], self.channels + 1, device=bank.device)
+        torch.mul(bank, -2.0, out=out[..., : self.channels])
+        out[..., self.channels] = norms
+        return out
+
+
+def position_major(rows: Tensor, positions: int) -> Tensor | None:
+    """``(P, n, C + 1)`` float32 ``[-2 b, |b|^2]``, cached per bank (``common.per_bank``), or
+    None when it would exceed ``LAYOUT_CACHE_MAX_BYTES``."""
+    count, channels = rows.shape[0] // positions, rows.shape[1]
+    if 4 * positions * count * (channels + 1) > LAYOUT_CACHE_MAX_BYTES:
+        return None
+
+    def build() -> Tensor:
+        out = torch.empty(positions, count, channels + 1, device=rows.device)
+        for i in range(count):  # one stored feature map at a time: no float32 copy of the bank
+            sample = rows[i * positions : (i + 1) * positions].float()
+            torch.mul(sample, -2.0, out=out[:, i, :channels])
+            out[:, i, channels] = sample.square().sum(1)
+        return out
+
+    return per_bank(_LAYOUT_CACHE, rows, build)
 
 
 def positional_norms(rows: Tensor, positions: int) -> Tensor:
