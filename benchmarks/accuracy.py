@@ -127,7 +127,29 @@ SCORING_VARIANTS: dict[str, dict] = {
     },
 }  # fmt: skip
 """Scoring options evaluated on a fitted model; ``unet_weight`` sets every decoder level's
-``w_l``. Variants that do not apply to a fit (fusion on an uncalibrated one) are skipped."""
+``w_l``. Variants that do not apply to a fit (fusion on an uncalibrated one) are skipped.
+Names joined by ``+`` compose, later ones winning (``fusion_1.0+latent_only``)."""
+
+
+def scoring_options(name: str) -> dict:
+    """The options of a scoring variant name, composed across ``+`` (``SCORING_VARIANTS``)."""
+    options: dict = {}
+    for part in name.split("+"):
+        if part not in SCORING_VARIANTS:
+            known = ", ".join(SCORING_VARIANTS)
+            raise ValueError(f"unknown scoring variant {part!r} in {name!r}; known: {known}")
+        options.update(SCORING_VARIANTS[part])
+    return options
+
+
+def _scoring_name(name: str) -> str:
+    """argparse type: a valid (possibly composed) scoring variant name."""
+    try:
+        scoring_options(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
 
 SHOWN = ("sample_auroc", "view_auroc", "pixel_auroc", "pixel_aupro")
 DECISIONS = ("sample_f1", "sample_fpr", "sample_fnr")
@@ -193,7 +215,7 @@ def evaluate_scoring(run: Path, names: list[str]) -> dict[str, dict]:
         batches = [(b, module.extract_features(b)) for b in data.test_dataloader()]
     results = {}
     for name in names:
-        options = dict(SCORING_VARIANTS[name])
+        options = scoring_options(name)
         module.hparams.update(fitted)
         unet_weight = options.pop("unet_weight", None)
         if unet_weight is not None:
@@ -404,8 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(FIT_VARIANTS),
     )  # fmt: skip
     parser.add_argument(
-        "--scoring", nargs="*", default=list(SCORING_VARIANTS), choices=list(SCORING_VARIANTS),
-        help="Scoring variants evaluated on the first of --fits (the others: as fitted only).",
+        "--scoring",
+        nargs="*",
+        default=list(SCORING_VARIANTS),
+        type=_scoring_name,
+        help="Scoring variants evaluated on the first of --fits (the others: as fitted and "
+        "--every-fit); names joined by '+' compose.",
+    )
+    parser.add_argument(
+        "--every-fit", nargs="*", default=[], type=_scoring_name,
+        help="Scoring variants evaluated on every fit, not only the first.",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="Tiny data and 1 epoch: a smoke run.")
     parser.add_argument("--reuse", action="store_true", help="Keep finished runs in --work.")
@@ -444,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_fit(
                     fit, [*base, "--seed_everything", str(seed)], data, category, runs, args.reuse
                 )
-                names = scoring if fit == args.fits[0] else ["as_fitted"]
+                names = scoring if fit == args.fits[0] else ["as_fitted", *args.every_fit]
+                names = list(dict.fromkeys([*names, *args.every_fit]))
                 for name, metrics in evaluate_scoring(run, names).items():
                     row = table.setdefault(row_name(fit, name), {})
                     row.setdefault(category, {})[seed] = metrics
