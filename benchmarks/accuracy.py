@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_fit(
                     fit, [*base, "--seed_everything", str(seed)], data, category, runs, args.reuse
                 )
-                names = scoring if fit == args.fits[0] else ["as_fitted", *args.every_fit]
+                names = scoring if fit == args.fits[0] else ["as_fitted"]
                 names = list(dict.fromkeys([*names, *args.every_fit]))
                 for name, metrics in evaluate_scoring(run, names).items():
                     row = table.setdefault(row_name(fit, name), {})

@@ -62,7 +62,6 @@ def positional_search(
     channels = rows.shape[1]
     positions = views * height * width
     count = rows.shape[0] // positions
-    operand = BankOperand(rows, positions)
     queries = features.to(rows.device, torch.float32).permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
     batch, device, r = queries.shape[0], queries.device, radius
     offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
@@ -91,6 +90,7 @@ def positional_search(
     # 1. Per bank position and shift: the nearest of the n training rows (expanded form).
     per_position = 4 * (num_shifts * batch * (count + channels + 1) + count * (channels + 1))
     step = max(1, min(positions, _POSITIONS_PER_CHUNK, max_chunk_bytes // max(1, per_position)))
+    operand = BankOperand(rows, positions, step)
     values = torch.empty(positions, num_shifts * batch, device=device)
     indices = torch.empty(positions, num_shifts * batch, dtype=torch.long, device=device)
     block = torch.empty(step, num_shifts * batch, count, device=device)
@@ -138,28 +138,28 @@ class BankOperand:
     """The search's GEMM operand ``[-2 b, |b|^2]`` of bank positions, ``(k, n, C + 1)``.
 
     Read from the position-major copy cached per bank (``position_major``) when the copy fits
-    ``LAYOUT_CACHE_MAX_BYTES``; otherwise built per call from the sample-major rows (float16
-    converted on the way) and the cached norms (``positional_norms``).
+    ``LAYOUT_CACHE_MAX_BYTES``; otherwise built per call, ``chunk`` positions at a time into one
+    reused buffer, from the sample-major rows (float16 converted on the way) and the cached norms
+    (``positional_norms``).
     """
 
-    def __init__(self, rows: Tensor, positions: int) -> None:
-        self.rows, self.positions = rows, positions
-        self.count = rows.shape[0] // positions
+    def __init__(self, rows: Tensor, positions: int, chunk: int) -> None:
         self.channels = rows.shape[1]
+        self.bank = rows.view(rows.shape[0] // positions, positions, self.channels)  # (n, P, C)
         self.cached = position_major(rows, positions)
-        self.norms = None if self.cached is not None else positional_norms(rows, positions)
+        if self.cached is None:
+            self.norms = positional_norms(rows, positions)
+            self.buffer = torch.empty(
+                chunk, self.bank.shape[0], self.channels + 1, device=rows.device
+            )
 
     def range(self, p0: int, p1: int) -> Tensor:
-        """Positions ``p0 .. p1 - 1``."""
+        """Positions ``p0 .. p1 - 1`` (at most ``chunk`` of them); valid until the next call."""
         if self.cached is not None:
             return self.cached[p0:p1]
-        bank = self.rows.view(self.count, self.positions, self.channels)[:, p0:p1]
-        return self._build(bank.transpose(0, 1), self.norms[p0:p1])
-
-    def _build(self, bank: Tensor, norms: Tensor) -> Tensor:
-        out = torch.empty(*bank.shape[:2], self.channels + 1, device=bank.device)
-        torch.mul(bank, -2.0, out=out[..., : self.channels])
-        out[..., self.channels] = norms
+        out = self.buffer[: p1 - p0]
+        torch.mul(self.bank[:, p0:p1].transpose(0, 1), -2.0, out=out[..., : self.channels])
+        out[..., self.channels] = self.norms[p0:p1]
         return out
 
 
