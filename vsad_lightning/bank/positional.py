@@ -18,9 +18,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 from vsad_lightning.bank.common import per_bank
 
 _POSITIONS_PER_CHUNK = 1024
-"""Bank positions per GEMM chunk (at most; ``max_chunk_bytes`` may cut it). Measured on 2 cores
-with n = 250, C = 32: 64 positions per chunk were slower than the previous search (per-call
-overhead), 1024-4096 were 1.4-1.8x faster; 1024 keeps the chunk's buffers small."""
+"""Bank positions per GEMM chunk (at most; ``max_chunk_bytes`` and, on a CPU,
+``CPU_BLOCK_BYTES`` may cut it). Measured on 2 cores with n = 250, C = 32: 64 positions per chunk
+were slower than the previous search, which rebuilt the bank operand per chunk (per-call
+overhead)."""
+
+CPU_BLOCK_BYTES = 2 * 2**20
+"""On a CPU, a chunk's score block ``(positions, shifts x B, n)`` is kept near this size, so the
+GEMM writes it and the minimum reads it back while it is still in the core's cache, and no
+block is large enough to be mapped fresh from the kernel on every call. Measured on 2 cores
+(the demo's latent level at 256 px, 250 samples, radius 3, one sample; distances identical):
+1024 positions per chunk (a 50 MB block) 0.41-0.45 s, 32 positions (1.5 MB) 0.32-0.36 s,
+8 positions 0.40 s (per-call overhead); inside the scoring of a whole sample, where the large
+blocks also page-faulted, the three levels together took 0.67 s against 0.36-0.45 s
+(benchmarks/results/latency_cpu.md). A GPU keeps the large chunks: a kernel launch per small
+chunk would cost more there than a cache miss."""
 
 LAYOUT_CACHE_MAX_BYTES = 2 * 2**30
 """Largest position-major copy of a bank level kept between searches (``position_major``).
@@ -89,7 +101,10 @@ def positional_search(
 
     # 1. Per bank position and shift: the nearest of the n training rows (expanded form).
     per_position = 4 * (num_shifts * batch * (count + channels + 1) + count * (channels + 1))
-    step = max(1, min(positions, _POSITIONS_PER_CHUNK, max_chunk_bytes // max(1, per_position)))
+    block_bytes = max_chunk_bytes
+    if device.type == "cpu":
+        block_bytes = min(block_bytes, CPU_BLOCK_BYTES)
+    step = max(1, min(positions, _POSITIONS_PER_CHUNK, block_bytes // max(1, per_position)))
     operand = BankOperand(rows, positions, step)
     values = torch.empty(positions, num_shifts * batch, device=device)
     indices = torch.empty(positions, num_shifts * batch, dtype=torch.long, device=device)
