@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/bank_scale.py [--quick] [--out benchmarks/results/bank_scale.md]``.
 
-Three parts (docs/method.md#memory-bank):
+Five parts (docs/method.md#memory-bank; ``--parts`` picks them):
 
 1. **Projection.** Bank rows per level = training samples x views x positions of the level, for
    Stable Diffusion 2 base's U-Net at 256x256 (and 512x512) input. The level shapes are read
@@ -27,7 +27,13 @@ Three parts (docs/method.md#memory-bank):
    i.i.d. noise), streamed through ``StreamingBankBuilder`` in float16 into a float16
    ``MemoryBank``, then two test samples scored: ``positional`` (every map kept, radius 2) and
    ``global`` (``--category-ratio`` coreset, default 0.01, the ``auto`` search). Each in its own
-   subprocess; peak RSS = VmHWM above the RSS before the build.
+   subprocess; peak RSS = VmHWM above the RSS before the build. ``--category-modes`` picks the
+   modes, ``--category-run`` builds fewer samples and extrapolates.
+5. **Coreset selection vs N, plain and pruned side by side**: ``greedy_coreset`` with
+   ``method="plain"`` (every row against every new centre) and ``method="pruned"`` (blocks of
+   nearby rows, lazy catch-up) on the same rows with part 4's spectrum, as the builder's
+   128-column projections; the plain loop only up to ``--coreset-plain-max`` (its work grows as
+   ratio N^2), the pruned one up to 5.12 M rows, a 1,000-sample category's level.
 """
 
 from __future__ import annotations
@@ -264,7 +270,7 @@ def category_section(args, say) -> None:
         "build peak GiB | peak GiB (build + scoring) | s per test sample |"
     )
     say("|---|---|---|---|---|---|---|---|---|")
-    for mode in ("positional", "global"):
+    for mode in args.category_modes:
         out = _spawn_category(mode, args.category_run, args.category_ratio)
         rows = ", ".join(f"{n:,}" for n in out["rows"].values())
         say(
@@ -292,6 +298,65 @@ def category_section(args, say) -> None:
             )
 
 
+def _spectrum_rows(num_rows: int, dim: int = PROJECTION_DIM, seed: int = 0):
+    """``(num_rows, dim)`` rows as the builder's projections of part 4's features look: 32
+    directions with ``s_k = exp(-k / 8)`` plus 1 % isotropic noise."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, 32, generator=generator))
+    basis = (q * torch.exp(-torch.arange(32.0) / 8.0)).T.contiguous()
+    out = torch.empty(num_rows, dim)
+    for r0 in range(0, num_rows, 1 << 20):  # pieces: no second full-size temporary
+        r1 = min(num_rows, r0 + (1 << 20))
+        torch.matmul(torch.randn(r1 - r0, 32, generator=generator), basis, out=out[r0:r1])
+        out[r0:r1] += 0.01 * torch.randn(r1 - r0, dim, generator=generator)
+    return out
+
+
+def selection_section(args, say) -> None:
+    """5. The greedy selection alone, plain and pruned side by side on the same rows."""
+    import torch
+
+    from vsad_lightning.bank.coreset import greedy_coreset
+
+    say(
+        f"\n## 5. Coreset selection time vs N: plain and pruned greedy, side by side\n\n"
+        f"`greedy_coreset(method=...)` on the same rows, as the builder hands them over: "
+        f"projected to {PROJECTION_DIM} columns (`_spectrum_rows`: 32 directions, "
+        f"`s_k = exp(-k/8)`, 1 % isotropic noise), {torch.get_num_threads()} torch threads, "
+        "one after the other in this process. 'same rows' compares the two selections as sets; "
+        "their order may differ where two rows are equally far up to rounding.\n"
+    )
+    say("| ratio | N | kept | plain s | pruned s | plain / pruned | same rows |")
+    say("|---|---|---|---|---|---|---|")
+    plain_max = 40_960 if args.quick else args.coreset_plain_max
+    plan = {
+        0.01: [81_920, 327_680, 1_310_720, 5_120_000],
+        0.1: [40_960, 81_920, 327_680, 1_280_000],
+    }
+    if args.quick:
+        plan = {0.01: [40_960, 163_840], 0.1: [20_480, 40_960]}
+    for ratio, ns in plan.items():
+        for n in ns:
+            rows = _spectrum_rows(n)
+            start = time.perf_counter()
+            pruned = greedy_coreset(rows, ratio, method="pruned")
+            pruned_s = time.perf_counter() - start
+            plain_s, same, speedup = "not run", "", ""
+            if ratio * n * n <= 0.01 * plain_max**2:  # the plain loop's work, ratio N^2
+                start = time.perf_counter()
+                plain = greedy_coreset(rows, ratio, method="plain")
+                seconds = time.perf_counter() - start
+                plain_s, speedup = f"{seconds:.1f}", f"{seconds / pruned_s:.1f}x"
+                same = "yes" if set(plain.tolist()) == set(pruned.tolist()) else "no"
+            say(
+                f"| {ratio} | {n:,} | {pruned.numel():,} | {plain_s} | {pruned_s:.1f} | "
+                f"{speedup} | {same} |"
+            )
+            del rows
+
+
 def _spawn_category(mode: str, samples: int, ratio: float) -> dict:
     return spawn_worker(__file__, ["--category-worker", mode, str(samples), str(ratio)])
 
@@ -307,7 +372,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the report as a markdown file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--category-worker", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--category-samples", type=int, default=1000)
     parser.add_argument(
         "--category-run",
@@ -317,6 +382,16 @@ def main() -> None:
         "extrapolated",
     )
     parser.add_argument("--category-ratio", type=float, default=0.01)
+    parser.add_argument(
+        "--category-modes", nargs="+", default=["positional", "global"], help="part 4's modes"
+    )
+    parser.add_argument(
+        "--coreset-plain-max",
+        type=int,
+        default=327_680,
+        help="part 5: the plain greedy is timed where ratio N^2 <= 0.01 x this^2 (it is "
+        "O(ratio N^2): the default times it up to 327,680 rows at ratio 0.01, 103,622 at 0.1)",
+    )
     args = parser.parse_args()
     if args.worker:
         method, samples, rows_per_sample, dim, ratio = args.worker
@@ -351,6 +426,8 @@ def main() -> None:
         build_sections(args, say, sizes)
     if 4 in args.parts:
         category_section(args, say)
+    if 5 in args.parts:
+        selection_section(args, say)
     say(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if args.out:
         from vsad_lightning.utils.io import atomic_write_text

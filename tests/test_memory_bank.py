@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vsad_lightning.bank import positional
+from vsad_lightning.bank import coreset, positional
 from vsad_lightning.bank.coreset import greedy_coreset
 from vsad_lightning.bank.knn import nearest_distance
 from vsad_lightning.bank.storage import MemoryBank, flatten_features, unflatten_features
@@ -137,11 +137,18 @@ def test_coreset_ratio_tenth_returns_unique_indices_deterministically():
     assert not torch.equal(keep, greedy_coreset(feats, 0.1, projection_dim=32, seed=4))
 
 
-def test_coreset_never_repeats_rows_even_when_all_are_duplicates():
+@pytest.fixture(params=["plain", "pruned"])
+def coreset_method(request, monkeypatch) -> str:
+    """Both selections; the pruned one with blocks of ~8 rows, so small sets have many."""
+    monkeypatch.setattr(coreset, "BLOCK_ROWS", 8)
+    return request.param
+
+
+def test_coreset_never_repeats_rows_even_when_all_are_duplicates(coreset_method):
     # Large norms: the expansion's rounding makes duplicates' distances slightly negative.
     feats = torch.full((50, 4), 300.0)
     feats[:3] += torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0]])
-    keep = greedy_coreset(feats, 0.5)
+    keep = greedy_coreset(feats, 0.5, method=coreset_method)
     assert keep.unique().numel() == 25
     assert set(keep[:4].tolist()) >= {0, 1, 2}  # the distinct rows come first
 
@@ -163,11 +170,11 @@ def test_four_picks_hit_four_clusters(dim, projection_dim):
     assert sorted(labels[keep].tolist()) == [0, 1, 2, 3]
 
 
-def test_each_pick_is_the_farthest_point_from_the_previous_picks():
+def test_each_pick_is_the_farthest_point_from_the_previous_picks(coreset_method):
     # Unprojected (projection_dim >= D): the greedy rule holds exactly.
     g = torch.Generator().manual_seed(5)
     points = torch.rand(300, 3, generator=g)
-    keep = greedy_coreset(points, 0.05, projection_dim=128)
+    keep = greedy_coreset(points, 0.05, projection_dim=128, method=coreset_method)
     dist = torch.cdist(points.double(), points.double())
     for step in range(1, keep.numel()):
         to_selected = dist[:, keep[:step]].min(dim=1).values
@@ -177,11 +184,43 @@ def test_each_pick_is_the_farthest_point_from_the_previous_picks():
     assert radius[0] > radius[1] > radius[2]
 
 
+def _insertion_radii(points: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Distance of each pick to the picks before it (the greedy's covering radius so far)."""
+    dist = torch.cdist(points.double(), points[keep].double())
+    return torch.stack([dist[keep[k], :k].min() for k in range(1, keep.numel())])
+
+
+def test_pruned_selection_is_the_plain_one(monkeypatch):
+    # A decaying spectrum like real features (a few directions hold most of the variance),
+    # in blocks of ~16 rows: most blocks are skipped late in the selection, and the picks must
+    # still be the plain loop's (the same rows; the same covering radius at every step, which
+    # also holds where two equally far rows are taken in the other order).
+    g = torch.Generator().manual_seed(7)
+    basis = torch.linalg.qr(torch.randn(24, 12, generator=g))[0] * torch.exp(-torch.arange(12) / 3)
+    points = torch.randn(4000, 12, generator=g) @ basis.T + 0.01 * torch.randn(
+        4000, 24, generator=g
+    )
+    monkeypatch.setattr(coreset, "BLOCK_ROWS", 16)
+    plain = greedy_coreset(points, 0.05, method="plain", seed=2)
+    pruned = greedy_coreset(points, 0.05, method="pruned", seed=2)
+    assert pruned[0] == plain[0] and set(pruned.tolist()) == set(plain.tolist())
+    torch.testing.assert_close(
+        _insertion_radii(points, pruned), _insertion_radii(points, plain), rtol=1e-5, atol=0
+    )
+    # `auto` takes the pruned selection from PRUNED_MIN_ROWS rows (and 100 kept) on.
+    monkeypatch.setattr(coreset, "PRUNED_MIN_ROWS", 4000)
+    assert torch.equal(greedy_coreset(points, 0.05, seed=2), pruned)
+    monkeypatch.setattr(coreset, "PRUNED_MIN_ROWS", 4001)
+    assert torch.equal(greedy_coreset(points, 0.05, seed=2), plain)
+
+
 def test_coreset_rejects_bad_ratio():
     with pytest.raises(ValueError, match="ratio"):
         greedy_coreset(torch.randn(5, 2), 0.0)
     with pytest.raises(ValueError, match="ratio"):
         greedy_coreset(torch.randn(5, 2), 1.5)
+    with pytest.raises(ValueError, match="method"):
+        greedy_coreset(torch.randn(5, 2), 0.5, method="fast")
 
 
 def _brute_positional(bank_maps: torch.Tensor, queries: torch.Tensor, radius: int) -> torch.Tensor:

@@ -11,13 +11,14 @@ one batch of raw features at a time:
   their Gaussian random projection to ``projection_dim`` columns in RAM (``N x k`` instead of
   ``N x D``; the projection is the one ``greedy_coreset`` draws from ``seed``).
 * ``build()`` yields one level at a time: greedy k-center selection on the projected rows
-  (``greedy_coreset`` itself, run on the projections, so ``O(rho N^2 k)`` time and
-  ``O(N k)`` memory), then only the selected rows are read back from the spill file; with
+  (``greedy_coreset`` itself, run on the projections: its pruned selection from 50,000 rows
+  on, ``O(N k)`` memory), then only the selected rows are read back from the spill file; with
   ratio 1.0 the bank is filled piece by piece from the file.
 
 Peak memory: ratio 1.0, the bank itself plus one piece (``piece_rows`` rows); ratio < 1,
 ``~3 N k`` floats for the selection (the projections, their centred copy, the running
-distances) plus the selected ``M x D`` rows, whatever ``D`` is.
+distances; the pruned selection's block ids and bounds fit in the same estimate for ``k`` >= 32)
+plus the selected ``M x D`` rows, whatever ``D`` is.
 
 Row order (needed for identical banks whatever the number of processes): rows are kept in
 *global sample order*, the order of the unsharded feature loader. Under DDP each rank gets the
