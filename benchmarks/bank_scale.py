@@ -173,6 +173,15 @@ def child(method: str, samples: int, rows_per_sample: int, dim: int, ratio: floa
 CATEGORY_LEVELS = {2: (640, 32), 3: (320, 32)}  # SD2 up block: (channels, side) at 256 px
 
 
+def _spectrum_basis(generator, channels: int):
+    """``(32, channels)``: 32 random orthonormal directions scaled by ``s_k = exp(-k / 8)``, the
+    decaying spectrum of parts 4 and 5."""
+    import torch
+
+    q, _ = torch.linalg.qr(torch.randn(channels, 32, generator=generator))
+    return (q * torch.exp(-torch.arange(32.0) / 8.0)).T.contiguous()
+
+
 def _category_rows(generator, samples: int, channels: int, side: int, basis):
     """``(samples V side^2, C)`` float32 rows with the decaying spectrum of part 4."""
     import torch
@@ -194,11 +203,10 @@ def category_child(mode: str, samples: int, ratio: float) -> None:
 
     torch.set_num_threads(2)
     generator = torch.Generator().manual_seed(0)
-    bases = {}
-    for level, (channels, _) in CATEGORY_LEVELS.items():
-        q, _ = torch.linalg.qr(torch.randn(channels, 32, generator=generator))
-        spectrum = torch.exp(-torch.arange(32.0) / 8.0)
-        bases[level] = (q * spectrum).T.contiguous()  # (32, C)
+    bases = {
+        level: _spectrum_basis(generator, channels)
+        for level, (channels, _) in CATEGORY_LEVELS.items()
+    }
     reset = reset_peak_rss()
     before = status_kib("VmRSS") if reset else status_kib("VmHWM")
     start = time.perf_counter()
@@ -304,8 +312,7 @@ def _spectrum_rows(num_rows: int, dim: int = PROJECTION_DIM, seed: int = 0):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, 32, generator=generator))
-    basis = (q * torch.exp(-torch.arange(32.0) / 8.0)).T.contiguous()
+    basis = _spectrum_basis(generator, dim)
     out = torch.empty(num_rows, dim)
     for r0 in range(0, num_rows, 1 << 20):  # pieces: no second full-size temporary
         r1 = min(num_rows, r0 + (1 << 20))

@@ -177,11 +177,8 @@ def _greedy_pruned(points: Tensor, num_keep: int, first: int) -> Tensor:
     # errs by a few ulps of the largest squared norm; a centre is skipped only beyond that.
     margin = 1e-5 * float(sq_norms.max())
 
-    position = torch.empty(num_rows, dtype=torch.long, device=device)
-    position[order] = torch.arange(num_rows, device=device)
-    block_of = torch.repeat_interleave(torch.arange(num_blocks, device=device), counts)
-    where = int(position[first])
-    block = int(block_of[where])
+    where = int((order == first).nonzero())  # the first row's place in block order
+    block = int(torch.searchsorted(starts, where, right=True)) - 1
     row = where - int(starts[block])
     selected = torch.empty(num_keep, dtype=torch.long, device=device)
     selected[0] = first
@@ -190,11 +187,9 @@ def _greedy_pruned(points: Tensor, num_keep: int, first: int) -> Tensor:
     chosen[0], chosen_sq[0] = blocked[block, row], sq_norms[block, row]
 
     # Every block against the first centre, all at once (no block can be skipped yet).
-    min_sq = torch.empty(num_blocks, width, device=device)
-    for b0 in range(0, num_blocks, piece):
-        rows = blocked[b0 : b0 + piece]
-        sq = torch.matmul(rows, chosen[0]).mul_(-2.0).add_(sq_norms[b0 : b0 + piece])
-        min_sq[b0 : b0 + piece] = sq.add_(chosen_sq[0])
+    flat = blocked.view(-1, dim)
+    min_sq = torch.addmv(sq_norms.view(-1), flat, chosen[0], alpha=-2.0).add_(chosen_sq[0])
+    min_sq = min_sq.view(num_blocks, width)
     min_sq[~valid] = -math.inf  # padding slots are never picked
     min_sq[block, row] = -math.inf
     upper = min_sq.amax(1)  # u_b
